@@ -1,0 +1,1 @@
+"""medsig.index."""
