@@ -1,0 +1,102 @@
+"""`medsig data inspect`: counts, label distributions, MISSING, pos_weight and warnings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from medsig.data.collection import SPLITS, Collection
+
+
+@dataclass
+class LabelSummary:
+    name: str
+    kind: str
+    counts: dict[str, int]  # class -> rows with it (binary: both states)
+    groups: dict[str, int]  # class -> distinct groups with it
+    missing: int
+    pos_weight: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class InspectReport:
+    name: str
+    rows: int
+    groups: int
+    images_found: int
+    images_missing: list[str]
+    labels: list[LabelSummary]
+    split_counts: dict[str, int] | None
+    warnings: list[str]
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name, "rows": self.rows, "groups": self.groups,
+            "images_found": self.images_found, "images_missing": len(self.images_missing),
+            "split_counts": self.split_counts, "warnings": self.warnings,
+            "labels": [vars(lab) for lab in self.labels],
+        }
+
+
+def inspect_collection(collection: Collection, min_groups: int = 3) -> InspectReport:
+    """Summarise a collection; `min_groups`: fewer groups than this cannot be split 3 ways."""
+    missing_images = [str(p) for p in collection.image_paths if not p.is_file()]
+    warnings: list[str] = []
+    if missing_images:
+        warnings.append(f"{len(missing_images)} image(s) missing on disk, e.g. "
+                        f"{missing_images[0]}")
+    summaries = []
+    for name, lab in collection.labels.items():
+        onehot = lab.onehot()
+        if lab.kind == "binary":
+            valid = ~lab.missing
+            counts = {lab.classes[0]: int((lab.targets == 0).sum()),
+                      lab.classes[1]: int((lab.targets == 1).sum())}
+            groups = {lab.classes[0]: _n_groups(collection, lab.targets == 0),
+                      lab.classes[1]: _n_groups(collection, lab.targets == 1)}
+            pos = counts[lab.classes[1]]
+            pos_weight = {lab.classes[1]: float((valid.sum() - pos) / pos) if pos else
+                          float("inf")}
+        else:
+            counts = {c: int(onehot[:, j].sum()) for j, c in enumerate(lab.classes)}
+            groups = {c: _n_groups(collection, onehot[:, j] > 0)
+                      for j, c in enumerate(lab.classes)}
+            pos_weight = {}
+            if lab.kind == "multilabel":
+                n_valid = int((~lab.missing).sum())
+                pos_weight = {c: float((n_valid - n) / n) if n else float("inf")
+                              for c, n in counts.items()}
+        rare = [c for c, g in groups.items() if g < min_groups]
+        if rare:
+            warnings.append(f"label '{name}': {len(rare)} class(es) in fewer than {min_groups} "
+                            f"groups, too rare to be in every split: {', '.join(rare[:6])}"
+                            f"{' ...' if len(rare) > 6 else ''}")
+        empty = [c for c, n in counts.items() if n == 0]
+        if empty:
+            warnings.append(f"label '{name}': no rows for {', '.join(empty[:6])}")
+        summaries.append(LabelSummary(name, lab.kind, counts, groups, int(lab.missing.sum()),
+                                      pos_weight))
+    split_counts = None
+    if collection.split is not None:
+        split_counts = {s: int((collection.split == s).sum()) for s in SPLITS}
+        leaked = _leaked_groups(collection)
+        if leaked:
+            warnings.append(f"{len(leaked)} group(s) appear in more than one split (leakage), "
+                            f"e.g. {', '.join(leaked[:3])}")
+    return InspectReport(collection.spec.name, len(collection), len(set(collection.groups)),
+                         len(collection) - len(missing_images), missing_images, summaries,
+                         split_counts, warnings)
+
+
+def _n_groups(collection: Collection, mask: np.ndarray) -> int:
+    return len(set(collection.groups[mask]))
+
+
+def _leaked_groups(collection: Collection) -> list[str]:
+    seen: dict[str, str] = {}
+    leaked = set()
+    for g, s in zip(collection.groups, collection.split):
+        if seen.setdefault(g, s) != s:
+            leaked.add(str(g))
+    return sorted(leaked)
