@@ -1,0 +1,214 @@
+"""medsig command line: a thin typer layer over the Python API."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from medsig.errors import MedsigError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Adapt SigLIP-family vision-language models to medical images.")
+data_app = typer.Typer(no_args_is_help=True, help="Describe, inspect, split and generate data.")
+model_app = typer.Typer(no_args_is_help=True, help="Model utilities.")
+app.add_typer(data_app, name="data")
+app.add_typer(model_app, name="model")
+console = Console()
+
+
+# -- data ------------------------------------------------------------------------------------
+@data_app.command("inspect")
+def data_inspect(spec: Path = typer.Argument(..., help="Dataset spec (YAML)."),
+                 as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """Row and image counts, label distributions, MISSING, pos_weight and warnings."""
+    from medsig.data.collection import load_collection
+    from medsig.data.inspect import inspect_collection
+
+    report = inspect_collection(load_collection(spec))
+    if as_json:
+        print(json.dumps(report.to_dict(), indent=2))
+        return
+    console.print(f"[bold]{report.name}[/]: {report.rows} rows, {report.groups} groups, "
+                  f"{report.images_found} images found, {len(report.images_missing)} missing")
+    if report.split_counts:
+        console.print("split: " + ", ".join(f"{k} {v}" for k, v in report.split_counts.items()))
+    for lab in report.labels:
+        table = Table(title=f"{lab.name} ({lab.kind}), MISSING {lab.missing}",
+                      title_justify="left")
+        for col in ("class", "images", "groups", "pos_weight"):
+            table.add_column(col, justify="left" if col == "class" else "right")
+        for cls, n in lab.counts.items():
+            pw = lab.pos_weight.get(cls)
+            table.add_row(cls, str(n), str(lab.groups[cls]), "" if pw is None else f"{pw:.2f}")
+        console.print(table)
+    for w in report.warnings:
+        console.print(f"[yellow]warning:[/] {w}")
+
+
+@data_app.command("split")
+def data_split(
+    spec: Path = typer.Argument(..., help="Dataset spec (YAML)."),
+    ratios: str = typer.Option("0.7,0.15,0.15", help="train,val,test fractions."),
+    seed: int = typer.Option(0, help="Random seed (same seed, same split)."),
+    out: Path | None = typer.Option(None, help="Folder for splits.csv (default: the "
+                                                  "spec's folder)."),
+    update_spec: bool = typer.Option(True, help="Point the spec at the new splits.csv."),
+    force: bool = typer.Option(False, help="Split even if the spec names a split column."),
+) -> None:
+    """Assign train/val/test by group, stratified over all labels; write the assignment."""
+    from medsig.data.collection import load_collection
+    from medsig.data.split import set_spec_splits, split_collection, write_split
+    from medsig.errors import ConfigError
+
+    collection = load_collection(spec)
+    if collection.spec.split_column and not force:
+        raise ConfigError(f"the spec names split column '{collection.spec.split_column}'; "
+                          "it is kept (use --force to compute a new split)")
+    try:
+        parts = tuple(float(x) for x in ratios.split(","))
+    except ValueError:
+        raise ConfigError(f"--ratios '{ratios}': expected three numbers like 0.7,0.15,0.15"
+                          ) from None
+    result = split_collection(collection, parts, seed=seed)  # type: ignore[arg-type]
+    out_dir = out or spec.resolve().parent
+    splits_path, report_path = write_split(collection, result, out_dir)
+    if update_spec:
+        rel = Path(_relpath(splits_path, spec.resolve().parent))
+        set_spec_splits(spec, str(rel))
+    counts = result.counts()
+    console.print(f"split (seed {seed}): " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    console.print(f"wrote {splits_path} and {report_path}")
+
+
+def _relpath(path: Path, start: Path) -> str:
+    import os
+
+    return os.path.relpath(path, start)
+
+
+@data_app.command("synth")
+def data_synth(
+    kind: str = typer.Option("derm", help="derm | wound | radiology"),
+    out: Path = typer.Option(..., help="Output folder."),
+    n: int | None = typer.Option(None, help="Number of images (default per kind)."),
+    seed: int = typer.Option(0, help="Random seed."),
+    image_size: int = typer.Option(128, help="Image side in pixels."),
+) -> None:
+    """Generate a labelled dataset (images, table, spec) that mimics real medical data."""
+    from medsig.data.synth import synthesize
+
+    path = synthesize(kind, out, n=n, seed=seed, image_size=image_size)
+    console.print(f"wrote {path}")
+
+
+# -- models ----------------------------------------------------------------------------------
+@model_app.command("tiny")
+def model_tiny(
+    out: Path = typer.Option(..., help="Output folder."),
+    arch: str = typer.Option("siglip", help="siglip | clip | vit"),
+    image_size: int = typer.Option(64, help="Input resolution."),
+    seed: int = typer.Option(0, help="Random seed."),
+) -> None:
+    """Write a small randomly initialised checkpoint that plain transformers loads."""
+    from medsig.models.tiny import write_tiny
+
+    console.print(f"wrote {write_tiny(out, arch=arch, image_size=image_size, seed=seed)}")
+
+
+# -- index -----------------------------------------------------------------------------------
+@app.command("embed")
+def embed(
+    spec: Path = typer.Argument(..., help="Dataset spec (YAML)."),
+    model: str = typer.Option(..., help="Hub id or local folder."),
+    store: str = typer.Option("runs/qdrant", help="Qdrant local path or http(s) URL."),
+    collection: str | None = typer.Option(None, help="Collection name (default: spec name)."),
+    batch_size: int = typer.Option(64, help="Images per batch."),
+    limit: int | None = typer.Option(None, help="Only the first N rows."),
+    device: str | None = typer.Option(None, help="auto | cpu | cuda | mps"),
+    workers: int | None = typer.Option(None, help="Image decoding workers."),
+    recreate: bool = typer.Option(False, help="Drop the collection first."),
+) -> None:
+    """Embed every image (and its text) into Qdrant with all metadata; resumable."""
+    from medsig.index.runner import embed_collection
+
+    report = embed_collection(spec, model, store, collection, batch_size, limit, device,
+                              workers, recreate)
+    _print_embed_report(report)
+
+
+def _print_embed_report(report) -> None:
+    s = report.seconds
+    console.print(f"[bold]{report.collection}[/]: {report.embedded} embedded, "
+                  f"{report.already_indexed} already indexed, "
+                  f"{sum(report.skipped.values())} skipped, {report.points_after} points in "
+                  f"{report.store}")
+    console.print(f"{report.images_per_second:.1f} images/s; seconds: total "
+                  f"{s.get('total', 0):.1f}, waiting for images {s.get('read_wait', 0):.1f}, "
+                  f"model {s.get('model', 0):.1f}, writing (background) {s.get('write', 0):.1f}")
+    for reason, n in report.skipped.items():
+        console.print(f"[yellow]skipped {n} ({reason})[/]")
+    for message in report.skipped_examples[:5]:
+        console.print(f"  {message}")
+
+
+@app.command("search")
+def search_cmd(
+    image: Path | None = typer.Option(None, help="Query image file."),
+    text: str | None = typer.Option(None, help="Query text."),
+    id: str | None = typer.Option(None, "--id", help="Query by an indexed row id."),
+    collection: str = typer.Option(..., help="Collection name."),
+    store: str = typer.Option("runs/qdrant", help="Qdrant local path or URL."),
+    model: str | None = typer.Option(None, help="Model (default: the one that indexed)."),
+    where: list[str] | None = typer.Option(None, help="Filter key=value (repeatable)."),
+    k: int = typer.Option(5, "-k", help="Number of results."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Nearest indexed cases to an image, a text or an indexed point."""
+    from medsig.index.search import search
+
+    hits = search(store, collection, image=image, text=text, id=id, model=model, where=where,
+                  k=k)
+    if as_json:
+        print(json.dumps([vars(h) for h in hits], indent=2))
+        return
+    table = Table()
+    for col in ("#", "score", "id", "labels", "text"):
+        table.add_column(col)
+    for rank, h in enumerate(hits, 1):
+        labels = "; ".join(f"{k}={v}" for k, v in h.payload.get("labels", {}).items()
+                           if v not in (None, []))
+        table.add_row(str(rank), f"{h.score:.3f}", str(h.payload.get("id")), labels[:80],
+                      str(h.payload.get("text", ""))[:60])
+    console.print(table)
+
+
+# -- demo ------------------------------------------------------------------------------------
+@app.command("demo")
+def demo(out: Path = typer.Option(Path("runs/demo"), help="Output folder."),
+         n: int = typer.Option(600, help="Images to generate."),
+         seed: int = typer.Option(0, help="Random seed.")) -> None:
+    """The main job end to end on generated data, a tiny model and a local Qdrant."""
+    from medsig.demo import run_demo
+
+    run_demo(out, n=n, seed=seed, console=console)
+
+
+def main() -> None:
+    """Entry point: user errors become one red line and exit code 2."""
+    try:
+        app()
+    except MedsigError as exc:
+        Console(stderr=True).print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        Console(stderr=True).print("[red]interrupted[/]")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
