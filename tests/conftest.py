@@ -55,13 +55,14 @@ labels:
       exclude: [Other]
 """
 
-WOUND_CSV = """image_id,file,patient,urgency_level,erythema,infection_risk,all_conditions,weighted_labels
+WOUND_CSV = """\
+image_id,file,patient,urgency_level,erythema,infection_risk,all_conditions,weighted_labels
 a1,a1.png,p1,Green,Absent,Low,"[""Eczema""]","{""Eczema"": 1.0}"
 a2,a2.png,p1,Red,Present,High,"[""Impetigo"", ""Eczema""]","{""Impetigo"": 0.7, ""Eczema"": 0.3}"
 a3,a3.png,p2,Yellow,MISSING,low,"[""Wart""]",
 a4,a4.png,p3,MISSING,,Medium,[],
 a5,a5.png,p4,Green,Absent,MISSING,"[""Mole""]","{""Mole"": 1.0}"
-"""
+"""  # noqa: E501
 
 COARSE = {"Eczema": "Inflammatory", "Impetigo": "Infection", "Wart": "Infection",
           "Mole": "Other"}
