@@ -116,7 +116,7 @@ table: {root}/metadata.csv
 image_root: {root}/images
 columns: {{image: filename, group: patientid, text: clinical_notes}}
 missing_values: ["", "todo"]
-templates: ["A chest X-ray ({view}) with finding {finding}."]
+templates: ["A chest X-ray ({{view}}) with finding {{finding}}."]
 metadata: [patientid, sex, age, view, finding]
 labels:
   - {{name: finding, type: multiclass, column: finding}}

@@ -1,1 +1,1 @@
-"""medsig.models."""
+"""Models: device selection, the Encoder over any HF checkpoint, tiny offline checkpoints."""

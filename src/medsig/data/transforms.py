@@ -1,0 +1,145 @@
+"""Image transforms with PIL and torch only (no torchvision).
+
+``Preprocess`` turns an RGB PIL image into a normalised ``(3, size, size)`` float tensor:
+
+- ``pad`` (MedSigLIP's recipe): zero-pad to a square, resize to the model size, normalise;
+- ``resize``: resize straight to ``size × size`` (the SigLIP processor's default);
+- ``processor``: call the checkpoint's own Hugging Face image processor.
+
+``Augment`` is the training augmentation: random resized crop, horizontal flip, small
+rotation and colour jitter, all driven by an explicit ``torch.Generator`` so that a resumed
+run sees the same images.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageEnhance
+
+MODES = ("pad", "resize", "processor")
+_RESAMPLE = {0: Image.NEAREST, 1: Image.LANCZOS, 2: Image.BILINEAR, 3: Image.BICUBIC,
+             4: Image.BOX, 5: Image.HAMMING}
+
+
+def pad_to_square(image: Image.Image, fill: tuple[int, int, int] = (0, 0, 0)) -> Image.Image:
+    """Centre ``image`` on a square canvas of its longer side."""
+    w, h = image.size
+    if w == h:
+        return image
+    side = max(w, h)
+    canvas = Image.new("RGB", (side, side), fill)
+    canvas.paste(image.convert("RGB"), ((side - w) // 2, (side - h) // 2))
+    return canvas
+
+
+class Preprocess:
+    """PIL RGB image → normalised ``(3, size, size)`` float32 tensor."""
+
+    def __init__(self, size: int, mean: Sequence[float] = (0.5, 0.5, 0.5),
+                 std: Sequence[float] = (0.5, 0.5, 0.5), mode: str = "pad",
+                 resample: int = Image.BICUBIC, processor: Any = None) -> None:
+        if mode not in MODES:
+            raise ValueError(f"preprocess mode must be one of {MODES}, not {mode!r}")
+        if mode == "processor" and processor is None:
+            raise ValueError("preprocess mode 'processor' needs the image processor")
+        self.size, self.mode, self.resample, self.processor = int(size), mode, resample, processor
+        self.mean = torch.tensor(list(mean), dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(list(std), dtype=torch.float32).view(3, 1, 1)
+
+    @classmethod
+    def from_processor(cls, processor: Any, mode: str = "pad") -> Preprocess:
+        """Size, mean, std and resampling of a Hugging Face image processor."""
+        size = _processor_size(processor)
+        mean = getattr(processor, "image_mean", None) or (0.5, 0.5, 0.5)
+        std = getattr(processor, "image_std", None) or (0.5, 0.5, 0.5)
+        resample = getattr(processor, "resample", None)
+        resample = _RESAMPLE.get(int(resample), Image.BICUBIC) if resample is not None \
+            else Image.BICUBIC
+        return cls(size, mean, std, mode=mode, resample=resample,
+                   processor=processor if mode == "processor" else None)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        if self.mode == "processor":
+            out = self.processor(images=image.convert("RGB"), return_tensors="pt")
+            return out["pixel_values"][0].float()
+        if self.mode == "pad":
+            image = pad_to_square(image)
+        if image.size != (self.size, self.size):
+            image = image.resize((self.size, self.size), self.resample)
+        array = np.asarray(image.convert("RGB"), dtype=np.uint8)
+        tensor = torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
+        return (tensor - self.mean) / self.std
+
+    def __repr__(self) -> str:
+        return f"Preprocess(size={self.size}, mode={self.mode!r})"
+
+
+def _processor_size(processor: Any) -> int:
+    for attr in ("size", "crop_size"):
+        size = getattr(processor, attr, None)
+        if size is None:
+            continue
+        if isinstance(size, int):
+            return size
+        get = size.get if hasattr(size, "get") else (lambda k, s=size: getattr(s, k, None))
+        for key in ("height", "shortest_edge", "width"):
+            if get(key):
+                return int(get(key))
+    raise ValueError(f"cannot read the image size of {type(processor).__name__}")
+
+
+def _uniform(g: torch.Generator | None, low: float, high: float) -> float:
+    return low + (high - low) * float(torch.rand((), generator=g))
+
+
+class Augment:
+    """Random resized crop → flip → rotation → colour jitter; returns a ``size``² PIL image."""
+
+    def __init__(self, size: int, scale: tuple[float, float] = (0.7, 1.0),
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: float = 0.5,
+                 degrees: float = 10.0, brightness: float = 0.2, contrast: float = 0.2,
+                 saturation: float = 0.2) -> None:
+        self.size, self.scale, self.ratio, self.hflip = int(size), scale, ratio, hflip
+        self.degrees, self.brightness = degrees, brightness
+        self.contrast, self.saturation = contrast, saturation
+
+    def crop_box(self, width: int, height: int, g: torch.Generator | None
+                 ) -> tuple[int, int, int, int]:
+        """A random box with area in ``scale`` and aspect in ``ratio`` (centre crop fallback)."""
+        area = width * height
+        log_lo, log_hi = math.log(self.ratio[0]), math.log(self.ratio[1])
+        for _ in range(10):
+            target = area * _uniform(g, *self.scale)
+            aspect = math.exp(_uniform(g, log_lo, log_hi))
+            w = int(round(math.sqrt(target * aspect)))
+            h = int(round(math.sqrt(target / aspect)))
+            if 0 < w <= width and 0 < h <= height:
+                x = int(torch.randint(0, width - w + 1, (), generator=g))
+                y = int(torch.randint(0, height - h + 1, (), generator=g))
+                return x, y, x + w, y + h
+        side = min(width, height)
+        x, y = (width - side) // 2, (height - side) // 2
+        return x, y, x + side, y + side
+
+    def __call__(self, image: Image.Image, generator: torch.Generator | None = None
+                 ) -> Image.Image:
+        g = generator
+        image = image.convert("RGB")
+        box = self.crop_box(*image.size, g)
+        image = image.resize((self.size, self.size), Image.BILINEAR, box=box)
+        if float(torch.rand((), generator=g)) < self.hflip:
+            image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        if self.degrees:
+            image = image.rotate(_uniform(g, -self.degrees, self.degrees),
+                                 resample=Image.BILINEAR, fillcolor=(0, 0, 0))
+        for amount, enhancer in ((self.brightness, ImageEnhance.Brightness),
+                                 (self.contrast, ImageEnhance.Contrast),
+                                 (self.saturation, ImageEnhance.Color)):
+            if amount:
+                image = enhancer(image).enhance(_uniform(g, 1 - amount, 1 + amount))
+        return image

@@ -1,0 +1,186 @@
+"""Load any Hugging Face image-text or image-only checkpoint and embed images and texts.
+
+One code path for a hub id or a local folder: ``AutoConfig`` → ``AutoModel`` (or
+``AutoModelForImageClassification`` for a classifier checkpoint), ``AutoImageProcessor``,
+``AutoTokenizer``. Kinds:
+
+- ``siglip`` (SigLIP, fixed-resolution SigLIP 2, MedSigLIP): sigmoid logits with scale and
+  bias; texts padded to the model's max length, as SigLIP was trained;
+- ``clip``: softmax logits with a scale; texts padded to the longest with an attention mask;
+- ``image`` (ViT, DINOv2, a medsig classifier...): image embeddings only (CLS token, or the
+  classifier's mean-pooled features).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from medsig.data.transforms import Preprocess
+from medsig.errors import ConfigError
+from medsig.models.device import inference_dtype, select_device
+
+_LOAD_ERRORS = (OSError, ValueError, KeyError, TypeError, ImportError, RuntimeError)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+class Encoder:
+    """A loaded checkpoint with embedding functions (see module docstring)."""
+
+    def __init__(self, model: Any, image_processor: Any, tokenizer: Any, kind: str, name: str,
+                 device: torch.device, preprocess: str = "pad", max_text_len: int = 64) -> None:
+        self.model, self.image_processor, self.tokenizer = model, image_processor, tokenizer
+        self.kind, self.name, self.device = kind, name, device
+        self.preprocess = Preprocess.from_processor(image_processor, mode=preprocess)
+        self.image_size = int(self.preprocess.size)
+        self.max_text_len = max_text_len
+        self._embed_dim: int | None = None
+
+    # -- loading ---------------------------------------------------------------------------
+    @classmethod
+    def load(cls, name_or_path: str | Path, device: str | torch.device | None = None,
+             preprocess: str = "pad", dtype: torch.dtype | None = None) -> Encoder:
+        """Load ``name_or_path`` (hub id or folder); fp32 on CPU, bf16/fp16 on GPU."""
+        from transformers import AutoConfig, AutoImageProcessor
+
+        name = str(name_or_path)
+        device = select_device(device)
+        try:
+            config = AutoConfig.from_pretrained(name)
+        except _LOAD_ERRORS as exc:
+            raise ConfigError(f"cannot load model '{name}': {_first_line(exc)}") from None
+        model_type = str(getattr(config, "model_type", ""))
+        if model_type == "siglip2":
+            raise ConfigError(f"model '{name}' is a SigLIP 2 NaFlex checkpoint (variable "
+                              "resolution); use a fixed-resolution SigLIP 2 checkpoint "
+                              "(e.g. google/siglip2-base-patch16-224)")
+        archs = list(getattr(config, "architectures", None) or [])
+        classifier = any(a.endswith("ForImageClassification") for a in archs)
+        dtype = dtype or inference_dtype(device)
+        try:
+            if classifier:
+                from transformers import AutoModelForImageClassification
+
+                model = AutoModelForImageClassification.from_pretrained(name, dtype=dtype)
+            else:
+                from transformers import AutoModel
+
+                model = AutoModel.from_pretrained(name, dtype=dtype)
+            image_processor = AutoImageProcessor.from_pretrained(name)
+        except _LOAD_ERRORS as exc:
+            raise ConfigError(f"cannot load model '{name}': {_first_line(exc)}") from None
+        has_text = hasattr(model, "get_text_features") and not classifier
+        tokenizer = None
+        if has_text:
+            from transformers import AutoTokenizer
+
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(name)
+            except _LOAD_ERRORS as exc:
+                raise ConfigError(f"model '{name}' has text features but its tokenizer does "
+                                  f"not load: {_first_line(exc)}") from None
+        kind = "image"
+        if has_text:
+            kind = "siglip" if hasattr(model, "logit_bias") or "siglip" in model_type else "clip"
+        text_cfg = getattr(config, "text_config", None)
+        max_len = int(getattr(text_cfg, "max_position_embeddings", 64) or 64)
+        model.to(device).eval()
+        return cls(model, image_processor, tokenizer, kind, name, device, preprocess, max_len)
+
+    def save(self, out: str | Path) -> Path:
+        """``save_pretrained`` of the model, tokenizer and image processor."""
+        out = Path(out)
+        self.model.save_pretrained(out)
+        self.image_processor.save_pretrained(out)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(out)
+        return out
+
+    # -- properties ------------------------------------------------------------------------
+    @property
+    def embed_dim(self) -> int:
+        if self._embed_dim is None:
+            cfg = self.model.config
+            dim = getattr(cfg, "projection_dim", None) if self.kind == "clip" else None
+            if dim is None:
+                vision = getattr(cfg, "vision_config", cfg)
+                dim = getattr(vision, "hidden_size", None)
+            if dim is None:  # unusual config: measure it
+                with torch.no_grad():
+                    x = torch.zeros(1, 3, self.image_size, self.image_size, device=self.device,
+                                    dtype=self.dtype)
+                    dim = self.image_features(x).shape[-1]
+            self._embed_dim = int(dim)
+        return self._embed_dim
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def logit_scale(self) -> Tensor | None:
+        return getattr(self.model, "logit_scale", None)
+
+    @property
+    def logit_bias(self) -> Tensor | None:
+        return getattr(self.model, "logit_bias", None)
+
+    # -- features (differentiable, unnormalised) ---------------------------------------------
+    def image_features(self, pixel_values: Tensor) -> Tensor:
+        pixel_values = pixel_values.to(self.device, self.dtype)
+        if self.kind != "image":
+            return self.model.get_image_features(pixel_values=pixel_values).pooler_output
+        if hasattr(self.model, "classifier"):  # a classifier checkpoint: its pooled features
+            backbone = getattr(self.model, "vision_model", None) or self.model.base_model
+            hidden = backbone(pixel_values=pixel_values).last_hidden_state
+            if self.model.config.model_type == "clip":
+                hidden = hidden[:, 1:]
+            return hidden.mean(dim=1)
+        return self.model(pixel_values=pixel_values).last_hidden_state[:, 0]
+
+    def text_features(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        if self.tokenizer is None:
+            raise ConfigError(f"model '{self.name}' is image-only: it has no text encoder")
+        kwargs: dict[str, Tensor] = {"input_ids": input_ids.to(self.device)}
+        if attention_mask is not None and self.kind == "clip":
+            kwargs["attention_mask"] = attention_mask.to(self.device)
+        return self.model.get_text_features(**kwargs).pooler_output
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, Tensor]:
+        """Token ids (and attention mask) for ``texts`` as the model expects them."""
+        if self.tokenizer is None:
+            raise ConfigError(f"model '{self.name}' is image-only: it has no tokenizer")
+        padding = "max_length" if self.kind == "siglip" else True
+        out = self.tokenizer(list(texts), padding=padding, truncation=True,
+                             max_length=self.max_text_len, return_tensors="pt")
+        return {k: v for k, v in out.items() if k in ("input_ids", "attention_mask")}
+
+    # -- embeddings (no grad, L2-normalised, float32 on CPU) -------------------------------
+    @torch.inference_mode()
+    def embed_images(self, pixel_values: Tensor) -> Tensor:
+        return F.normalize(self.image_features(pixel_values).float(), dim=-1).cpu()
+
+    @torch.inference_mode()
+    def embed_texts(self, texts: Sequence[str], batch_size: int = 256) -> Tensor:
+        texts = list(texts)
+        if not texts:
+            return torch.zeros(0, self.embed_dim)
+        parts = []
+        for start in range(0, len(texts), batch_size):
+            tokens = self.tokenize(texts[start:start + batch_size])
+            feats = self.text_features(tokens["input_ids"], tokens.get("attention_mask"))
+            parts.append(F.normalize(feats.float(), dim=-1).cpu())
+        return torch.cat(parts)
+
+    def __repr__(self) -> str:
+        return (f"Encoder({self.name!r}, kind={self.kind}, image_size={self.image_size}, "
+                f"dim={self.embed_dim}, device={self.device})")
