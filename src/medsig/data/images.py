@@ -45,6 +45,8 @@ def _fail(reason: str, where: str, detail: str | None = None) -> ImageError:
 
 def sniff_format(data: bytes) -> str | None:
     """The image format named by the leading bytes (never the file name), or None."""
+    if data[_DICOM_MAGIC_OFFSET:_DICOM_MAGIC_OFFSET + 4] == b"DICM":  # before TIFF: dual files
+        return "dicom"
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "webp"
     for magic, offset, name in _SIGNATURES:
@@ -80,8 +82,8 @@ def load_image(source: str | Path | bytes, max_pixels: int | None = DEFAULT_MAX_
     data, where = _read_bytes(source)
     if not data:
         raise _fail("empty", where)
-    if sniff_format(data) == "dicom":
-        return _load_dicom(data, where, max_pixels)
+    if sniff_format(data) == "dicom" or where.lower().endswith((".dcm", ".dicom")):
+        return _load_dicom(data, where, max_pixels, force=True)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -169,19 +171,20 @@ def _first(value: object) -> float | None:
         return None
 
 
-def _load_dicom(data: bytes, where: str, max_pixels: int | None) -> Image.Image:
+def _load_dicom(data: bytes, where: str, max_pixels: int | None, force: bool = False
+                ) -> Image.Image:
     """DICOM → RGB: rescale slope/intercept, VOI window when present, MONOCHROME1 inverted."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     try:
-        ds = pydicom.dcmread(io.BytesIO(data))
+        ds = pydicom.dcmread(io.BytesIO(data), force=force)
         rows, cols = int(ds.Rows), int(ds.Columns)
         _check_pixels((cols, rows), max_pixels, where)
         pixels = ds.pixel_array
     except ImageError:
         raise
-    except InvalidDicomError:
+    except (InvalidDicomError, AttributeError):  # AttributeError: no Rows, so no image
         raise _fail("not_an_image", where) from None
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types for bad pixel data
         text = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
