@@ -1,0 +1,271 @@
+"""Classify objective: label heads on the vision tower, saved as a plain transformers
+`AutoModelForImageClassification` whose logits concatenate every head.
+
+Binary heads have 1 output, multilabel C (both: masked BCE with pos_weight from the train
+split; MISSING (-1) contributes nothing), multiclass C (cross-entropy, ignore_index=-1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from medsig.data.collection import Collection
+from medsig.errors import ConfigError
+from medsig.train.adapt import adapt_model, export_model
+from medsig.train.config import TrainConfig
+from medsig.train.data import Batch, TrainData, step_batches
+from medsig.train.losses import masked_bce_loss, pos_weight_from_targets
+
+
+@dataclass
+class Head:
+    name: str
+    kind: str
+    classes: list[str]
+    offset: int
+    size: int
+
+    @property
+    def outputs(self) -> list[str]:
+        """Readable name of each output ('<label>:<class>')."""
+        names = [self.classes[1]] if self.kind == "binary" else self.classes
+        return [f"{self.name}:{c}" for c in names]
+
+    @property
+    def cols(self) -> slice:
+        return slice(self.offset, self.offset + self.size)
+
+
+def build_heads(collection: Collection, labels: list[str]) -> list[Head]:
+    heads, offset = [], 0
+    for name in labels:
+        lab = collection.labels[name]
+        size = 1 if lab.kind == "binary" else len(lab.classes)
+        if size == 0:
+            raise ConfigError(f"label '{name}' has no class to classify")
+        heads.append(Head(name, lab.kind, list(lab.classes), offset, size))
+        offset += size
+    return heads
+
+
+def bce_targets(collection: Collection, heads: list[Head]) -> tuple[np.ndarray, list[int]]:
+    """(n, K) float targets of the binary / multilabel outputs (-1 missing), their columns."""
+    parts, cols = [], []
+    for h in heads:
+        if h.kind == "multiclass":
+            continue
+        t = collection.labels[h.name].targets.astype(np.float32)
+        parts.append(t[:, None] if h.kind == "binary" else t)
+        cols.extend(range(h.offset, h.offset + h.size))
+    n = len(collection)
+    return (np.concatenate(parts, axis=1) if parts else np.zeros((n, 0), np.float32)), cols
+
+
+def load_classifier(name: str, heads: list[Head]) -> Any:
+    """AutoModelForImageClassification from a base checkpoint, vision weights copied in."""
+    from transformers import AutoModelForImageClassification
+    from transformers.utils import logging as hf_logging
+
+    outputs = [o for h in heads for o in h.outputs]
+    multi = any(h.kind != "multiclass" for h in heads)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model, info = AutoModelForImageClassification.from_pretrained(
+            name, num_labels=len(outputs), id2label=dict(enumerate(outputs)),
+            label2id={o: i for i, o in enumerate(outputs)}, ignore_mismatched_sizes=True,
+            problem_type="multi_label_classification" if multi
+            else "single_label_classification", output_loading_info=True)
+    except (ValueError, OSError, KeyError) as exc:
+        raise ConfigError(f"'{name}' cannot be loaded as an image classifier: "
+                          f"{str(exc).splitlines()[0]}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    fresh = [k for k in info.get("missing_keys", []) if not k.startswith("classifier")]
+    if fresh:
+        raise ConfigError(f"'{name}': the vision weights did not load into the classifier "
+                          f"(e.g. '{sorted(fresh)[0]}' is missing)")
+    return model
+
+
+class ClassifyObjective:
+    """Fine-tune the vision tower with label heads (see module docstring)."""
+
+    name = "classify"
+
+    def __init__(self, cfg: TrainConfig, data: TrainData, accelerator: Any) -> None:
+        from transformers import AutoImageProcessor
+
+        from medsig.data.transforms import Preprocess
+
+        if not data.labels:
+            raise ConfigError("objective 'classify' needs labels; the spec defines none",
+                              file=cfg.spec)
+        if cfg.adapt.method == "lora" and not cfg.adapt.lora.merge:
+            raise ConfigError("objective 'classify' saves a plain transformers classifier: "
+                              "use adapt.lora.merge: true")
+        self.cfg, self.data, self.accelerator = cfg, data, accelerator
+        self.heads = build_heads(data.collection, data.labels)
+        rule = cfg.eval.thresholds
+        unknown = [k for k in rule if k not in data.labels] if isinstance(rule, dict) else []
+        if unknown:
+            raise ConfigError(f"eval.thresholds: {', '.join(unknown)} is not a trained label "
+                              f"(labels: {', '.join(data.labels)})")
+        try:
+            self.processor = AutoImageProcessor.from_pretrained(cfg.model)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"no image processor for '{cfg.model}': "
+                              f"{str(exc).splitlines()[0]}") from None
+        self.preprocess = Preprocess.from_processor(self.processor, mode=cfg.preprocess)
+        self.image_size = int(self.preprocess.size)
+        # fp32 master weights (a checkpoint may load in bf16); autocast runs bf16 / fp16
+        model = load_classifier(cfg.model, self.heads).float().to(accelerator.device)
+        self.model, self.report = adapt_model(model, cfg.adapt, head_modules=["classifier"])
+        train_t, self.bce_cols = bce_targets(data.train, self.heads)
+        self.train_bce = torch.as_tensor(train_t)
+        self.val_bce = torch.as_tensor(bce_targets(data.val, self.heads)[0])
+        self.pos_weight = pos_weight_from_targets(train_t).to(accelerator.device) \
+            if self.bce_cols else None
+
+    def begin_epoch(self, epoch: int) -> None:
+        pass
+
+    def plan(self, epoch: int, pool: np.ndarray, step_size: int, seed: int, plain_train: Any
+             ) -> list[list[int]]:
+        return step_batches(pool, step_size, seed, drop_last=False)
+
+    def logits(self, pixels: Tensor) -> Tensor:
+        with self.accelerator.autocast():
+            out = self.model(pixel_values=pixels.to(self.accelerator.device)).logits
+        return out.float()
+
+    def loss(self, logits: Tensor, rows: list[int], collection: Collection, bce: Tensor
+             ) -> Tensor:
+        total = logits.new_zeros(())
+        if self.bce_cols:
+            total = total + masked_bce_loss(logits[:, self.bce_cols], bce[rows],
+                                            self.pos_weight)
+        for h in self.heads:
+            if h.kind != "multiclass":
+                continue
+            y = torch.as_tensor(collection.labels[h.name].targets[rows], device=logits.device)
+            if (y >= 0).any():
+                total = total + F.cross_entropy(logits[:, h.cols], y, ignore_index=-1)
+        return total
+
+    def step(self, batches: list[Batch]) -> Tensor:
+        total = torch.zeros((), device=self.accelerator.device)
+        for b in batches:
+            loss = self.loss(self.logits(b.pixels), b.rows, self.data.train, self.train_bce)
+            self.accelerator.backward(loss / len(batches))
+            total = total + loss.detach() / len(batches)
+        return total
+
+    # -- evaluation ------------------------------------------------------------------------
+    def probabilities(self, logits: Tensor) -> Tensor:
+        probs = torch.sigmoid(logits)
+        for h in self.heads:
+            if h.kind == "multiclass":
+                probs[:, h.cols] = torch.softmax(logits[:, h.cols], dim=1)
+        return probs
+
+    @torch.no_grad()
+    def predict(self, val_batches: Iterable[Batch]) -> tuple[list[int], Tensor]:
+        was = self.model.training
+        self.model.eval()
+        rows, parts = [], []
+        for b in val_batches:
+            rows.extend(b.rows)
+            parts.append(self.logits(b.pixels))
+        self.model.train(was)
+        return rows, torch.cat(parts)
+
+    def evaluate(self, val_batches: Iterable[Batch]) -> dict[str, float]:
+        """Macro AUC over binary / multilabel outputs (outputs with one class skipped)."""
+        rows, logits = self.predict(val_batches)
+        metrics = {"val/loss": float(self.loss(logits, rows, self.data.val, self.val_bce))}
+        probs = self.probabilities(logits).cpu().numpy()
+        bce_aucs, mc_aucs = [], []
+        for h in self.heads:
+            y = self._onehot_targets(h, rows)
+            aucs = [a for a in (_auc(y[:, j], probs[:, h.offset + j]) for j in range(h.size))
+                    if a is not None]
+            if aucs:
+                metrics[f"val/auc/{h.name}"] = float(np.mean(aucs))
+            (mc_aucs if h.kind == "multiclass" else bce_aucs).extend(aucs)
+            if h.kind == "multiclass":
+                t = self.data.val.labels[h.name].targets[rows]
+                ok = t >= 0
+                if ok.any():
+                    pred = probs[:, h.cols].argmax(axis=1)
+                    metrics[f"val/accuracy/{h.name}"] = float((pred[ok] == t[ok]).mean())
+        pool = bce_aucs or mc_aucs
+        metrics["val/macro_auc"] = float(np.mean(pool)) if pool else float("nan")
+        return metrics
+
+    def _onehot_targets(self, h: Head, rows: list[int]) -> np.ndarray:
+        """(n, size) 0/1 targets of a head's outputs, -1 where missing."""
+        lab = self.data.val.labels[h.name]
+        t = lab.targets[rows]
+        if h.kind == "binary":
+            return t.astype(np.float32)[:, None]
+        if h.kind == "multilabel":
+            return t.astype(np.float32)
+        out = np.zeros((len(rows), h.size), np.float32)
+        ok = t >= 0
+        out[np.nonzero(ok)[0], t[ok]] = 1
+        out[~ok] = -1
+        return out
+
+    # -- output ----------------------------------------------------------------------------
+    def thresholds(self, val_batches: Iterable[Batch]) -> list[dict[str, Any]]:
+        """Heads with per-output thresholds chosen on val (Youden J or a min sensitivity)."""
+        from medsig.evaluate.thresholds import threshold_for_sensitivity, youden_threshold
+
+        rows, logits = self.predict(val_batches)
+        probs = self.probabilities(logits).cpu().numpy()
+        rule_cfg = self.cfg.eval.thresholds
+        heads = []
+        for h in self.heads:
+            entry: dict[str, Any] = {"name": h.name, "kind": h.kind, "classes": h.classes,
+                                     "offset": h.offset, "size": h.size,
+                                     "thresholds": [], "threshold_rule": "argmax"}
+            if h.kind != "multiclass":
+                sens = rule_cfg.get(h.name) if isinstance(rule_cfg, dict) else None
+                entry["threshold_rule"] = f"sensitivity>={sens}" if sens else "youden"
+                y = self._onehot_targets(h, rows)
+                for j in range(h.size):
+                    ok = y[:, j] >= 0
+                    yj, pj = y[ok, j].astype(int), probs[ok, h.offset + j]
+                    if len(set(yj.tolist())) < 2:
+                        entry["thresholds"].append(0.5)  # val has one class: no evidence
+                    elif sens:
+                        entry["thresholds"].append(float(threshold_for_sensitivity(yj, pj,
+                                                                                   sens)))
+                    else:
+                        entry["thresholds"].append(float(youden_threshold(yj, pj)))
+            heads.append(entry)
+        return heads
+
+    def save(self, out_dir: Path, val_batches: Iterable[Batch]) -> dict[str, Any]:
+        heads = self.thresholds(val_batches)
+        export_model(self.model, out_dir, merge=True)
+        self.processor.save_pretrained(out_dir)
+        return {"heads": heads, "prompts": {}, "image_size": self.image_size}
+
+
+def _auc(y: np.ndarray, p: np.ndarray) -> float | None:
+    from sklearn.metrics import roc_auc_score
+
+    ok = y >= 0
+    if len(set(y[ok].tolist())) < 2:
+        return None
+    return float(roc_auc_score(y[ok], p[ok]))

@@ -1,0 +1,422 @@
+"""Training configuration: nested dataclasses loaded from YAML, with `key=value` overrides.
+
+Keys may be dotted (`optim.lr=1e-4`, `adapt.lora.r=4`) or flat (`lr=1e-4`) when the name
+is unique; an unknown key raises ConfigError naming it (with a suggestion).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from medsig.errors import ConfigError
+
+OBJECTIVES = ("contrastive", "classify", "probe")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+TEXT_SOURCES = ("description", "templates")
+POSITIVES = ("same_class", "any_shared", "identical_text", "coarse")
+LOSSES = ("sigmoid", "multi_positive_sigmoid", "softmax")
+METHODS = ("full", "lora", "partial")
+
+
+@dataclass
+class LoraSettings:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    merge: bool = True  # merge the adapter into the weights on save (else a peft adapter)
+
+
+@dataclass
+class AdaptConfig:
+    method: str = "full"  # full | lora | partial
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    unfreeze_last_n_layers: int | None = None  # partial: last N layers of each tower
+    unfreeze_fraction: float | None = None  # partial: last X (0..1] of each tower's layers
+    lock_text: bool = False
+    lock_image: bool = False
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 5
+    max_steps: int | None = None
+    batch_size: int = 32
+    grad_accum: int = 1
+    gradcache: bool = False  # contrastive: one loss over the whole accumulated batch
+    lr: float = 1e-5
+    weight_decay: float = 0.05
+    warmup_ratio: float = 0.1
+    grad_clip: float | None = 1.0
+
+
+@dataclass
+class DataConfig:
+    text: str = "description"  # description | templates (a random template each epoch)
+    augment: bool = True
+    oversample: dict[str, Any] | None = None  # {label: name, min_count: 30}
+    class_balanced: bool = False
+    balance_label: str | None = None  # default: the first training label
+
+
+@dataclass
+class ContrastiveConfig:
+    loss: str = "sigmoid"  # sigmoid | multi_positive_sigmoid | softmax
+    positives: str = "identical_text"  # same_class | any_shared | identical_text | coarse
+    main_label: str | None = None  # label for positives / NMI; default: first label
+    chunk_size: int | None = None  # loss computed in row blocks of this size
+    supcon_weight: float = 0.0
+    supcon_temperature: float = 0.1
+    hard_negatives: bool = False
+    hard_negatives_k: int = 3
+
+
+@dataclass
+class EvalConfig:
+    eval_every: int = 1  # epochs
+    save_every_steps: int | None = None
+    best_metric: str | None = None  # default: val/recall@1 (contrastive), val/macro_auc
+    best_mode: str | None = None  # max | min; default: min for losses, else max
+    patience: int | None = None  # early stopping: evaluations without improvement
+    thresholds: Any = "youden"  # "youden" or {label: minimum sensitivity}
+    at_start: bool = True  # evaluate before the first step
+
+
+@dataclass
+class TrainConfig:
+    spec: str = ""
+    model: str = ""
+    out: str = ""
+    objective: str = "contrastive"
+    labels: list[str] | None = None  # labels to train on; default: every label
+    seed: int = 0
+    precision: str = "auto"
+    device: str = "auto"
+    num_workers: int = 0
+    preprocess: str = "pad"  # pad | processor
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
+    adapt: AdaptConfig = field(default_factory=AdaptConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    source: str | None = field(default=None, metadata={"internal": True})
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out.pop("source", None)
+        return out
+
+    @property
+    def metric(self) -> str:
+        if self.eval.best_metric:
+            return self.eval.best_metric
+        return "val/recall@1" if self.objective == "contrastive" else "val/macro_auc"
+
+    @property
+    def mode(self) -> str:
+        if self.eval.best_mode:
+            return self.eval.best_mode
+        return "min" if self.metric.endswith("loss") else "max"
+
+
+# ----------------------------------------------------------------------------- loading
+def load_config(source: TrainConfig | dict | str | Path,
+                overrides: list[str] | dict[str, Any] | None = None) -> TrainConfig:
+    """A validated TrainConfig from a config object, a dict or a YAML file, plus overrides."""
+    where: str | None = None
+    if isinstance(source, TrainConfig):
+        raw = source.to_dict()
+        where = source.source
+    elif isinstance(source, dict):
+        raw = dict(source)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError("config file not found", file=path)
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"invalid YAML: {str(exc).splitlines()[0]}", file=path) from None
+        if not isinstance(raw, dict):
+            raise ConfigError("a training config must be a mapping", file=path)
+        where = str(path)
+        raw = _relative_paths(raw, path.parent)
+    cfg = TrainConfig()
+    for key, value in _flatten(raw).items():
+        set_key(cfg, key, value, where)
+    for key, value in _parse_overrides(overrides).items():
+        set_key(cfg, key, value, "--set")
+    cfg.source = where
+    validate(cfg, where)
+    return cfg
+
+
+def _relative_paths(raw: dict, base: Path) -> dict:
+    raw = dict(raw)
+    for key in ("spec", "out"):
+        if isinstance(raw.get(key), str) and not Path(raw[key]).is_absolute():
+            raw[key] = str((base / raw[key]).resolve())
+    model = raw.get("model")
+    if isinstance(model, str) and not Path(model).is_absolute() and (base / model).exists():
+        raw["model"] = str((base / model).resolve())
+    return raw
+
+
+def _flatten(raw: dict, prefix: str = "") -> dict[str, Any]:
+    """{'optim': {'lr': 1}} -> {'optim.lr': 1}; dict-valued fields stay whole."""
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and _is_section(name):
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def _is_section(dotted: str) -> bool:
+    try:
+        path = _full_path(dotted)
+    except ConfigError:
+        return False
+    obj: Any = TrainConfig()
+    for part in path:
+        obj = getattr(obj, part, None)
+    return dataclasses.is_dataclass(obj)
+
+
+def _parse_overrides(overrides: list[str] | dict[str, Any] | None) -> dict[str, Any]:
+    if not overrides:
+        return {}
+    if isinstance(overrides, dict):
+        return _flatten(overrides)
+    out: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set '{item}': expected key=value")
+        key, value = item.split("=", 1)
+        try:
+            out[key.strip()] = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError:
+            out[key.strip()] = value
+    return out
+
+
+def _all_keys(obj: Any = None, prefix: str = "") -> list[str]:
+    obj = TrainConfig() if obj is None else obj
+    keys = []
+    for f in fields(obj):
+        if f.metadata.get("internal"):
+            continue
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            keys.extend(_all_keys(value, f"{prefix}{f.name}."))
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+def _full_path(key: str) -> list[str]:
+    """A dotted or flat key -> its full dotted path (ConfigError if unknown / ambiguous)."""
+    keys = _all_keys()
+    sections = {k.rsplit(".", 1)[0] for k in keys if "." in k}
+    sections |= {s.rsplit(".", 1)[0] for s in sections if "." in s}
+    if key in keys or key in sections:
+        return key.split(".")
+    matches = [k for k in [*keys, *sections] if k.endswith("." + key)]
+    if len(matches) == 1:
+        return matches[0].split(".")
+    if len(matches) > 1:
+        raise ConfigError(f"key '{key}' is ambiguous: {', '.join(sorted(matches))}")
+    close = difflib.get_close_matches(key, keys + [k.rsplit(".", 1)[-1] for k in keys], n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    raise ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _resolve(cfg: TrainConfig, key: str, where: str | None
+             ) -> tuple[Any, dataclasses.Field | None, list[str]]:
+    try:
+        path = _full_path(key)
+    except ConfigError as exc:
+        raise ConfigError(exc.message, file=where) from None
+    obj: Any = cfg
+    for part in path[:-1]:
+        obj = getattr(obj, part)
+    f = next((f for f in fields(obj) if f.name == path[-1]), None)
+    return obj, f, path
+
+
+def set_key(cfg: TrainConfig, key: str, value: Any, where: str | None = None) -> None:
+    """Set one (dotted or flat) key, converting the value to the field's type."""
+    obj, f, path = _resolve(cfg, key, where)
+    assert f is not None
+    kind = _hints(type(obj))[f.name]
+    name = ".".join(path)
+    if dataclasses.is_dataclass(kind):
+        if value is None:
+            setattr(obj, f.name, kind())
+            return
+        if not isinstance(value, dict):
+            raise ConfigError(f"'{name}' must be a mapping, got {value!r}", file=where)
+        for k, v in _flatten(value).items():
+            set_key(cfg, f"{name}.{k}", v, where)
+        return
+    setattr(obj, f.name, _convert(value, kind, name, where))
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _convert(value: Any, kind: Any, name: str, where: str | None) -> Any:
+    args = typing.get_args(kind)
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(value, inner[0], name, where)
+    if kind is Any:
+        return value
+    bad = ConfigError(f"'{name}' must be {_describe(kind)}, got {value!r}", file=where)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no"):
+            return value.lower() in ("true", "yes")
+        raise bad
+    if kind in (int, float):
+        if isinstance(value, bool):
+            raise bad
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise bad from None
+        if kind is int:
+            if number != int(number):
+                raise bad
+            return int(number)
+        return number
+    if kind is str:
+        if isinstance(value, (dict, list)) or value is None:
+            raise bad
+        return str(value)
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        return [_convert(v, args[0], name, where) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad
+        return dict(value)
+    return value
+
+
+def _describe(kind: Any) -> str:
+    origin = typing.get_origin(kind)
+    if origin is list:
+        return "a list"
+    if origin is dict:
+        return "a mapping"
+    return {bool: "true or false", int: "an integer", float: "a number",
+            str: "a string"}.get(kind, str(kind))
+
+
+# ----------------------------------------------------------------------------- validation
+def _choice(value: Any, allowed: tuple[str, ...], name: str, where: str | None) -> None:
+    if value not in allowed:
+        raise ConfigError(f"'{name}' must be one of {', '.join(allowed)}, got '{value}'",
+                          file=where)
+
+
+def validate(cfg: TrainConfig, where: str | None = None) -> None:
+    """Check choices and ranges; raise ConfigError naming the key."""
+    for key in ("spec", "model", "out"):
+        if not getattr(cfg, key):
+            raise ConfigError(f"'{key}' is required", file=where)
+    _choice(cfg.objective, OBJECTIVES, "objective", where)
+    _choice(cfg.precision, PRECISIONS, "precision", where)
+    _choice(cfg.preprocess, ("pad", "processor"), "preprocess", where)
+    _choice(cfg.data.text, TEXT_SOURCES, "data.text", where)
+    _choice(cfg.contrastive.loss, LOSSES, "contrastive.loss", where)
+    _choice(cfg.contrastive.positives, POSITIVES, "contrastive.positives", where)
+    _choice(cfg.adapt.method, METHODS, "adapt.method", where)
+    o, e, a = cfg.optim, cfg.eval, cfg.adapt
+    checks = [
+        (o.epochs >= 1, "optim.epochs must be >= 1"),
+        (o.max_steps is None or o.max_steps >= 1, "optim.max_steps must be >= 1"),
+        (o.batch_size >= 1, "optim.batch_size must be >= 1"),
+        (o.grad_accum >= 1, "optim.grad_accum must be >= 1"),
+        (o.lr > 0, "optim.lr must be > 0"),
+        (o.weight_decay >= 0, "optim.weight_decay must be >= 0"),
+        (0 <= o.warmup_ratio < 1, "optim.warmup_ratio must be in [0, 1)"),
+        (o.grad_clip is None or o.grad_clip > 0, "optim.grad_clip must be > 0 (or null)"),
+        (e.eval_every >= 1, "eval.eval_every must be >= 1"),
+        (e.save_every_steps is None or e.save_every_steps >= 1,
+         "eval.save_every_steps must be >= 1 (or null)"),
+        (e.best_mode in (None, "max", "min"), "eval.best_mode must be max or min"),
+        (e.patience is None or e.patience >= 1, "eval.patience must be >= 1 (or null)"),
+        (cfg.num_workers >= 0, "num_workers must be >= 0"),
+        (cfg.contrastive.chunk_size is None or cfg.contrastive.chunk_size >= 1,
+         "contrastive.chunk_size must be >= 1"),
+        (cfg.contrastive.supcon_weight >= 0, "contrastive.supcon_weight must be >= 0"),
+        (cfg.contrastive.supcon_temperature > 0, "contrastive.supcon_temperature must be > 0"),
+        (cfg.contrastive.hard_negatives_k >= 1, "contrastive.hard_negatives_k must be >= 1"),
+        (a.lora.r >= 1, "adapt.lora.r must be >= 1"),
+        (0 <= a.lora.dropout < 1, "adapt.lora.dropout must be in [0, 1)"),
+        (bool(a.lora.target_modules), "adapt.lora.target_modules must not be empty"),
+        (a.unfreeze_last_n_layers is None or a.unfreeze_last_n_layers >= 0,
+         "adapt.unfreeze_last_n_layers must be >= 0"),
+        (a.unfreeze_fraction is None or 0 < a.unfreeze_fraction <= 1,
+         "adapt.unfreeze_fraction must be in (0, 1]"),
+        (not (a.lock_text and a.lock_image), "adapt.lock_text and adapt.lock_image together "
+                                             "leave nothing to train"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message, file=where)
+    partial_set = a.unfreeze_last_n_layers is not None or a.unfreeze_fraction is not None
+    if a.method == "partial" and not partial_set:
+        raise ConfigError("adapt.method 'partial' needs adapt.unfreeze_last_n_layers or "
+                          "adapt.unfreeze_fraction", file=where)
+    if a.method != "partial" and partial_set:
+        raise ConfigError("adapt.unfreeze_last_n_layers / unfreeze_fraction need "
+                          "adapt.method: partial", file=where)
+    if a.unfreeze_last_n_layers is not None and a.unfreeze_fraction is not None:
+        raise ConfigError("set adapt.unfreeze_last_n_layers or adapt.unfreeze_fraction, "
+                          "not both", file=where)
+    _validate_thresholds(e.thresholds, where)
+    if cfg.data.oversample is not None:
+        extra = set(cfg.data.oversample) - {"label", "min_count"}
+        if extra or "label" not in cfg.data.oversample:
+            raise ConfigError("data.oversample must be {label: NAME, min_count: N}",
+                              file=where)
+
+
+def _validate_thresholds(value: Any, where: str | None) -> None:
+    if value == "youden":
+        return
+    if not isinstance(value, dict):
+        raise ConfigError(f"eval.thresholds must be 'youden' or {{label: min sensitivity}}, "
+                          f"got {value!r}", file=where)
+    for label, sens in value.items():
+        if isinstance(sens, bool) or not isinstance(sens, (int, float)) or not 0 < sens <= 1:
+            raise ConfigError(f"eval.thresholds.{label} must be a sensitivity in (0, 1], "
+                              f"got {sens!r}", file=where)
+
+
+def dump_config(cfg: TrainConfig, path: str | Path) -> Path:
+    path = Path(path)
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return path

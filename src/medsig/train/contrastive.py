@@ -1,0 +1,298 @@
+"""Contrastive objective: image-text fine-tuning with multi-positive losses.
+
+Positives: loss `sigmoid` treats identical texts as positives (so duplicate captions are
+never pushed apart); `multi_positive_sigmoid` and `softmax` use `contrastive.positives`
+(same_class / any_shared / coarse on the main label, or identical_text).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from medsig.data.collection import Collection
+from medsig.data.text import template_fields
+from medsig.errors import ConfigError
+from medsig.train.adapt import adapt_model, export_model
+from medsig.train.config import TrainConfig
+from medsig.train.data import Batch, TrainData, epoch_texts, single_class, step_batches
+from medsig.train.gradcache import gradcache_step
+from medsig.train.losses import get_loss, positives_from_labels, supcon_loss
+
+
+def _positive_source(collection: Collection, main: str, mode: str) -> tuple[str, np.ndarray]:
+    """('same_class', (n,) ids) or ('any_shared', (n, C) 0/1) for a label-based mode."""
+    name = main
+    if mode == "coarse":
+        lab = collection.labels[main]
+        if lab.parent is None:
+            coarse = [k for k, v in collection.labels.items() if v.parent == main]
+            if not coarse:
+                raise ConfigError(f"contrastive.positives 'coarse': label '{main}' has no "
+                                  "coarse map in the spec")
+            name = coarse[0]
+    lab = collection.labels[name]
+    if mode == "same_class" or (mode == "coarse" and lab.kind != "multilabel"):
+        return "same_class", single_class(collection, name)
+    if lab.kind == "multilabel":
+        return "any_shared", np.where(lab.targets > 0, 1.0, 0.0).astype(np.float32)
+    return "any_shared", lab.onehot().astype(np.float32)
+
+
+class ContrastiveObjective:
+    """Image-text fine-tuning of a SigLIP / CLIP model (see module docstring)."""
+
+    name = "contrastive"
+
+    def __init__(self, cfg: TrainConfig, data: TrainData, accelerator: Any) -> None:
+        from medsig.models.encoder import Encoder
+
+        self.cfg, self.data, self.accelerator = cfg, data, accelerator
+        self.encoder = Encoder.load(cfg.model, device=accelerator.device,
+                                    preprocess=cfg.preprocess)
+        if self.encoder.tokenizer is None or self.encoder.kind == "image":
+            raise ConfigError(f"objective 'contrastive' needs an image-text model; '{cfg.model}'"
+                              " is image-only (use objective classify or probe)")
+        c = cfg.contrastive
+        self.main: str | None = c.main_label or (data.labels[0] if data.labels else None)
+        if self.main is not None and self.main not in data.collection.labels:
+            raise ConfigError(f"contrastive.main_label '{self.main}' is not a label of the spec")
+        needs_labels = c.positives != "identical_text" and c.loss != "sigmoid"
+        if (needs_labels or c.supcon_weight > 0) and c.positives != "identical_text" \
+                and self.main is None:
+            raise ConfigError(f"contrastive.positives '{c.positives}' needs a label; the spec "
+                              "has none (use positives: identical_text)")
+        self.loss_fn = get_loss(c.loss)
+        self.encoder.model.float()  # fp32 master weights; autocast runs bf16 / fp16
+        self.model, self.report = adapt_model(self.encoder.model, cfg.adapt)
+        self.preprocess, self.image_size = self.encoder.preprocess, self.encoder.image_size
+        self.train_pos = self._source(data.train)
+        self.val_pos = self._source(data.val)
+        self.val_texts = data.val.texts()
+        self.texts: list[str] = data.train.texts()
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _source(self, collection: Collection) -> tuple[str, np.ndarray] | None:
+        mode = self.cfg.contrastive.positives
+        if mode == "identical_text" or self.main is None:
+            return None
+        return _positive_source(collection, self.main, mode)
+
+    def _positives(self, rows: list[int], texts: list[str], source: Any, for_text: bool
+                   ) -> Tensor:
+        if (for_text and self.cfg.contrastive.loss == "sigmoid") or source is None:
+            pos = positives_from_labels(None, "identical_text", texts=texts)
+        else:
+            pos = positives_from_labels(torch.as_tensor(source[1][rows]), source[0])
+            pos = pos | positives_from_labels(None, "identical_text", texts=texts)
+        return pos.to(self.accelerator.device)
+
+    def encode_images(self, pixels: Tensor) -> Tensor:
+        with self.accelerator.autocast():
+            feats = self.encoder.image_features(pixels.to(self.accelerator.device))
+        return F.normalize(feats.float(), dim=-1)
+
+    def encode_texts(self, tokens: dict[str, Tensor]) -> Tensor:
+        tokens = {k: v.to(self.accelerator.device) for k, v in tokens.items()}
+        with self.accelerator.autocast():
+            feats = self.encoder.text_features(tokens["input_ids"], tokens.get("attention_mask"))
+        return F.normalize(feats.float(), dim=-1)
+
+    def _scale_bias(self) -> tuple[Tensor, Tensor | None]:
+        model = self.encoder.model
+        return model.logit_scale, getattr(model, "logit_bias", None)
+
+    def loss(self, img: Tensor, txt: Tensor, pos_text: Tensor, pos_img: Tensor) -> Tensor:
+        c = self.cfg.contrastive
+        scale, bias = self._scale_bias()
+        loss = self.loss_fn(img, txt, logit_scale=scale.float(),
+                            logit_bias=None if bias is None else bias.float(),
+                            positives=pos_text, chunk_size=c.chunk_size)
+        if c.supcon_weight > 0:
+            loss = loss + c.supcon_weight * supcon_loss(img, positives=pos_img,
+                                                        temperature=c.supcon_temperature)
+        return loss
+
+    # -- training --------------------------------------------------------------------------
+    def begin_epoch(self, epoch: int) -> None:
+        self.texts = epoch_texts(self.data.train, self.cfg, epoch)
+
+    def plan(self, epoch: int, pool: np.ndarray, step_size: int, seed: int,
+             plain_train: Callable[[], Iterable[Batch]]) -> list[list[int]]:
+        drop_last = True
+        if not self.cfg.contrastive.hard_negatives:
+            return step_batches(pool, step_size, seed, drop_last)
+        neighbours = self._hard_negatives(plain_train)
+        return hard_negative_batches(pool, neighbours, step_size, seed, drop_last)
+
+    @torch.no_grad()
+    def _hard_negatives(self, plain_train: Callable[[], Iterable[Batch]]) -> dict[int, list[int]]:
+        """For each train row, the rows whose texts are nearest but are not positives."""
+        was = self.model.training
+        self.model.eval()
+        rows, embs = [], []
+        for b in plain_train():
+            rows.extend(b.rows)
+            embs.append(self.encode_images(b.pixels))
+        img = torch.cat(embs)
+        txt = self._embed_texts([self.texts[r] for r in rows])
+        self.model.train(was)
+        sim = img @ txt.T
+        pos = self._positives(rows, [self.texts[r] for r in rows], self.train_pos, True)
+        sim = sim.masked_fill(pos, float("-inf"))
+        k = min(self.cfg.contrastive.hard_negatives_k, max(len(rows) - 1, 1))
+        top = sim.topk(k, dim=1)
+        out: dict[int, list[int]] = {}
+        for i, r in enumerate(rows):
+            out[r] = [rows[j] for j, v in zip(top.indices[i].tolist(), top.values[i].tolist())
+                      if v != float("-inf")]
+        return out
+
+    def step(self, batches: list[Batch]) -> Tensor:
+        """Forward + backward over one optimizer step's micro-batches; the mean loss."""
+        acc = self.accelerator
+        all_rows = [r for b in batches for r in b.rows]
+        texts = [self.texts[r] for r in all_rows]
+        if self.cfg.optim.gradcache:
+            pos_t = self._positives(all_rows, texts, self.train_pos, True)
+            pos_i = self._positives(all_rows, texts, self.train_pos, False)
+            text_chunks = [self.encoder.tokenize([self.texts[r] for r in b.rows])
+                           for b in batches]
+            return gradcache_step(self.encode_images, self.encode_texts,
+                                  [b.pixels for b in batches], text_chunks,
+                                  lambda i, t: self.loss(i, t, pos_t, pos_i),
+                                  backward=acc.backward)
+        total = torch.zeros((), device=acc.device)
+        for b in batches:
+            bt = [self.texts[r] for r in b.rows]
+            img = self.encode_images(b.pixels)
+            txt = self.encode_texts(self.encoder.tokenize(bt))
+            loss = self.loss(img, txt, self._positives(b.rows, bt, self.train_pos, True),
+                             self._positives(b.rows, bt, self.train_pos, False))
+            acc.backward(loss / len(batches))
+            total = total + loss.detach() / len(batches)
+        return total
+
+    # -- evaluation ------------------------------------------------------------------------
+    def _embed_texts(self, texts: list[str]) -> Tensor:
+        bs = max(self.cfg.optim.batch_size, 32)
+        parts = [self.encode_texts(self.encoder.tokenize(texts[i:i + bs]))
+                 for i in range(0, len(texts), bs)]
+        return torch.cat(parts)
+
+    @torch.no_grad()
+    def evaluate(self, val_batches: Iterable[Batch]) -> dict[str, float]:
+        """Recall@1/5 image->text over the distinct val texts, text->image R@1, NMI, loss."""
+        was = self.model.training
+        self.model.eval()
+        rows, embs = [], []
+        for b in val_batches:
+            rows.extend(b.rows)
+            embs.append(self.encode_images(b.pixels))
+        img = torch.cat(embs)
+        texts = [self.val_texts[r] for r in rows]
+        distinct, inverse = np.unique(np.array(texts, dtype=object).astype(str),
+                                      return_inverse=True)
+        gallery = self._embed_texts(distinct.tolist())
+        inverse_t = torch.as_tensor(inverse.reshape(-1), device=img.device)
+        txt = gallery[inverse_t]
+        pos_t = self._positives(rows, texts, self.val_pos, True)
+        pos_i = self._positives(rows, texts, self.val_pos, False)
+        metrics = {"val/loss": float(self.loss(img, txt, pos_t, pos_i))}
+        own = inverse_t[:, None] == torch.arange(len(distinct), device=img.device)[None, :]
+        metrics.update(recall_at_k(img @ gallery.T, own, (1, 5), "val/recall"))
+        metrics.update(recall_at_k(gallery @ img.T, own.T, (1,), "val/t2i_recall"))
+        if self.main is not None:
+            metrics["val/nmi"] = nmi(img.cpu().numpy(), single_class(self.data.val,
+                                                                     self.main)[rows],
+                                     self.cfg.seed)
+        self.model.train(was)
+        return metrics
+
+    # -- output ----------------------------------------------------------------------------
+    def save(self, out_dir: Path, val_batches: Iterable[Batch]) -> dict[str, Any]:
+        lora = self.cfg.adapt.lora
+        export_model(self.model, out_dir, merge=lora.merge, base_name=self.cfg.model)
+        self.encoder.tokenizer.save_pretrained(out_dir)
+        self.encoder.image_processor.save_pretrained(out_dir)
+        heads, offset = [], 0
+        for name in self.data.labels:
+            lab = self.data.collection.labels[name]
+            size = 1 if lab.kind == "binary" else len(lab.classes)
+            heads.append({"name": name, "kind": lab.kind, "classes": list(lab.classes),
+                          "offset": offset, "size": size, "thresholds": None,
+                          "threshold_rule": None})
+            offset += size
+        return {"heads": heads, "prompts": prompts(self.data.collection, self.data.labels),
+                "image_size": self.image_size}
+
+
+def recall_at_k(sim: Tensor, positives: Tensor, ks: tuple[int, ...], prefix: str
+                ) -> dict[str, float]:
+    """Fraction of rows whose top-k columns contain a positive."""
+    out = {}
+    order = sim.argsort(dim=1, descending=True)
+    hits = positives.gather(1, order)
+    for k in ks:
+        out[f"{prefix}@{k}"] = float(hits[:, :k].any(dim=1).float().mean())
+    return out
+
+
+def nmi(emb: np.ndarray, classes: np.ndarray, seed: int = 0) -> float:
+    """NMI between k-means clusters of the embeddings and the classes (missing skipped)."""
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import normalized_mutual_info_score
+
+    ok = classes >= 0
+    k = len(set(classes[ok].tolist()))
+    if k < 2 or ok.sum() <= k:
+        return float("nan")
+    km = KMeans(n_clusters=k, n_init=4, random_state=seed).fit(emb[ok])
+    return float(normalized_mutual_info_score(classes[ok], km.labels_))
+
+
+def hard_negative_batches(pool: np.ndarray, neighbours: dict[int, list[int]], step_size: int,
+                          seed: int, drop_last: bool) -> list[list[int]]:
+    """Batches where each anchor is followed by its hard negatives (when still unused)."""
+    rng = np.random.default_rng(seed)
+    left = Counter(pool.tolist())
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for r in rng.permutation(pool).tolist():
+        if left[r] == 0:
+            continue
+        group = [r]
+        left[r] -= 1
+        for j in neighbours.get(r, []):
+            if len(current) + len(group) >= step_size:
+                break
+            if left[j] > 0:
+                group.append(j)
+                left[j] -= 1
+        current.extend(group)
+        while len(current) >= step_size:
+            batches.append(current[:step_size])
+            current = current[step_size:]
+    if current and (not drop_last or not batches):
+        batches.append(current)
+    order = rng.permutation(len(batches))
+    return [batches[i] for i in order]
+
+
+def prompts(collection: Collection, labels: list[str]) -> dict[str, dict[str, list[str]]]:
+    """Zero-shot prompts per label and class: spec templates that use only that label."""
+    out: dict[str, dict[str, list[str]]] = {}
+    templates = collection.spec.templates
+    for name in labels:
+        lab = collection.labels[name]
+        own = [t for t in templates if template_fields(t) == [name]]
+        out[name] = {c: ([t.format(**{name: c}) for t in own] or
+                         [f"A medical image showing {c}."]) for c in lab.classes}
+    return out

@@ -1,0 +1,213 @@
+"""Training data: the split collection, fingerprints, per-epoch row plans and image loaders.
+
+Every random choice of an epoch (order, oversampling, templates, augmentation) is derived
+from (seed, epoch, row), so a resumed run sees exactly the batches of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from medsig.data.collection import Collection, load_collection
+from medsig.data.images import load_image
+from medsig.data.sampling import oversample_indices
+from medsig.data.text import render_text
+from medsig.errors import ConfigError, ImageError
+from medsig.train.config import TrainConfig
+
+
+# ----------------------------------------------------------------------------- collection
+@dataclass
+class TrainData:
+    collection: Collection
+    train: Collection
+    val: Collection
+    labels: list[str]
+
+    @property
+    def counts(self) -> dict[str, int]:
+        assert self.collection.split is not None
+        return dict(Counter(str(s) for s in self.collection.split))
+
+
+def load_train_data(cfg: TrainConfig) -> TrainData:
+    """The collection of the config's spec, with its split and the labels to train on."""
+    collection = load_collection(cfg.spec)
+    if collection.split is None:
+        raise ConfigError("the collection has no train / val split; run `medsig data split "
+                          f"{cfg.spec}` first (or name a split column in the spec)",
+                          file=cfg.spec)
+    labels = check_labels(collection, cfg.labels, cfg.spec)
+    train = collection.select_split("train")
+    val = collection.select_split("val")
+    for name, part in (("train", train), ("val", val)):
+        if len(part) == 0:
+            raise ConfigError(f"the {name} split is empty", file=cfg.spec)
+    return TrainData(collection, train, val, labels)
+
+
+def check_labels(collection: Collection, names: Sequence[str] | None, where: Any = None
+                 ) -> list[str]:
+    """The requested label names (default: all), each present in the spec."""
+    available = list(collection.labels)
+    if names is None:
+        return available
+    absent = [n for n in names if n not in collection.labels]
+    if absent:
+        raise ConfigError(f"label(s) {', '.join(absent)} not in the spec (labels: "
+                          f"{', '.join(available) or 'none'})", file=where)
+    return list(names)
+
+
+def spec_fingerprint(collection: Collection) -> str:
+    """sha256 of the spec file and table bytes."""
+    h = hashlib.sha256()
+    spec = collection.spec
+    for path in (spec.path, spec.table_path):
+        if path is not None and Path(path).is_file():
+            h.update(Path(path).read_bytes())
+    return h.hexdigest()
+
+
+def split_fingerprint(collection: Collection) -> str:
+    """sha256 of the sorted (id, split) pairs."""
+    assert collection.split is not None
+    pairs = sorted(zip(collection.ids, (str(s) for s in collection.split)))
+    return hashlib.sha256("\n".join(f"{i}\t{s}" for i, s in pairs).encode()).hexdigest()
+
+
+# ----------------------------------------------------------------------------- randomness
+def seed_of(*parts: object) -> int:
+    """A stable 63-bit seed from any parts (independent of PYTHONHASHSEED)."""
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def epoch_texts(collection: Collection, cfg: TrainConfig, epoch: int) -> list[str]:
+    """Per-row texts: the description column (else the first template), or with
+    `data.text: templates` a random spec template per row and epoch (the description when
+    no template can be filled for that row)."""
+    if cfg.data.text == "description":
+        return collection.texts()
+    templates = collection.spec.templates
+    if not templates:
+        raise ConfigError("data.text 'templates' needs templates in the spec",
+                          file=collection.spec.path)
+    out = []
+    for i, r in enumerate(collection.rows):
+        rng = random.Random(seed_of(cfg.seed, "text", epoch, int(r)))
+        out.append(render_text(None, templates, lambda name, i=i: collection.lookup(i, name),
+                               rng, fallback=collection.text(i)))
+    return out
+
+
+# ----------------------------------------------------------------------------- sampling
+def single_class(collection: Collection, name: str) -> np.ndarray:
+    """One class id per row for any label kind (-1 missing); multilabel: the top weight or
+    the first present class."""
+    lab = collection.labels[name]
+    if lab.kind != "multilabel":
+        return lab.targets.astype(np.int64)
+    score = lab.weights if lab.weights is not None else lab.targets
+    score = np.where(lab.targets > 0, score + 1e-6, -np.inf)
+    out = np.argmax(score, axis=1).astype(np.int64)
+    out[~(lab.targets > 0).any(axis=1)] = -1
+    return out
+
+
+def epoch_pool(train: Collection, cfg: TrainConfig, labels: list[str], epoch: int
+               ) -> np.ndarray:
+    """Train row indices for one epoch (oversampled / class-balanced when configured)."""
+    pool = np.arange(len(train))
+    if cfg.data.oversample is not None:
+        over = cfg.data.oversample
+        pool = oversample_indices(train, str(over["label"]), int(over.get("min_count", 30)),
+                                  seed=seed_of(cfg.seed, "oversample", epoch) % 2**32,
+                                  split=None)
+    if cfg.data.class_balanced:
+        name = cfg.data.balance_label or labels[0]
+        if name not in train.labels:
+            raise ConfigError(f"data.balance_label '{name}' is not a label of the spec")
+        cls = single_class(train, name)[pool]
+        freq = Counter(cls[cls >= 0].tolist())
+        weights = np.array([1.0 / freq[c] if c >= 0 else 0.0 for c in cls])
+        if weights.sum() == 0:
+            raise ConfigError(f"class-balanced sampling: label '{name}' has no value in train")
+        weights[cls < 0] = weights[cls >= 0].mean()  # missing rows keep an average chance
+        rng = np.random.default_rng(seed_of(cfg.seed, "balance", epoch))
+        pool = rng.choice(pool, size=len(pool), replace=True, p=weights / weights.sum())
+    return pool
+
+
+def step_batches(pool: np.ndarray, step_size: int, seed: int, drop_last: bool
+                 ) -> list[list[int]]:
+    """Shuffle the pool and cut it into optimizer-step batches of `step_size` rows."""
+    order = np.random.default_rng(seed).permutation(pool)
+    if len(order) <= step_size:
+        return [order.tolist()]
+    n = len(order) // step_size if drop_last else -(-len(order) // step_size)
+    return [order[i * step_size:(i + 1) * step_size].tolist() for i in range(n)]
+
+
+def micro_batches(step: list[int], batch_size: int) -> list[list[int]]:
+    return [step[i:i + batch_size] for i in range(0, len(step), batch_size)]
+
+
+# ----------------------------------------------------------------------------- images
+@dataclass
+class Batch:
+    rows: list[int]  # row indices into the split collection
+    pixels: torch.Tensor
+    skipped: list[tuple[int, str]] = field(default_factory=list)  # (row, reason)
+
+
+class RowImages(Dataset):
+    """Row index -> preprocessed (and, for training, augmented) pixels."""
+
+    def __init__(self, paths: Sequence[Path], preprocess: Callable[[Any], torch.Tensor],
+                 augment: Callable[..., Any] | None = None, seed: int = 0,
+                 draft_size: int | None = None) -> None:
+        self.paths, self.preprocess, self.augment = list(paths), preprocess, augment
+        self.seed, self.epoch, self.draft_size = seed, 0, draft_size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, row: int) -> tuple[int, torch.Tensor | None, str | None]:
+        try:
+            image = load_image(self.paths[row], draft_size=self.draft_size)
+        except ImageError as exc:
+            return row, None, exc.reason
+        if self.augment is not None:
+            g = torch.Generator().manual_seed(seed_of(self.seed, "augment", self.epoch, row))
+            image = self.augment(image, generator=g)
+        return row, self.preprocess(image), None
+
+
+def _collate(items: list[tuple[int, torch.Tensor | None, str | None]]) -> Batch:
+    good = [(r, x) for r, x, _ in items if x is not None]
+    skipped = [(r, reason) for r, x, reason in items if x is None and reason is not None]
+    pixels = torch.stack([x for _, x in good]) if good else torch.empty(0)
+    return Batch([r for r, _ in good], pixels, skipped)
+
+
+def image_loader(dataset: RowImages, batches: list[list[int]], num_workers: int,
+                 seed: int = 0) -> DataLoader:
+    """A loader over explicit index batches; its own generator keeps the global RNG intact."""
+    return DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
+                      collate_fn=_collate, generator=torch.Generator().manual_seed(seed),
+                      persistent_workers=False)
+
+
+def eval_batches(n: int, batch_size: int) -> list[list[int]]:
+    return [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
