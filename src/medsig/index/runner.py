@@ -60,8 +60,9 @@ class EmbeddedBatch:
 
 def iter_embeddings(encoder: Encoder, collection: Collection, rows: list[int] | None = None,
                     batch_size: int = 64, num_workers: int | None = None,
-                    timings: dict[str, float] | None = None) -> Iterator[EmbeddedBatch]:
-    """Embed the images (and texts) of `rows` batch by batch."""
+                    timings: dict[str, float] | None = None, texts: bool = True
+                    ) -> Iterator[EmbeddedBatch]:
+    """Embed the images (and, with `texts`, the texts) of `rows` batch by batch."""
     rows = list(range(len(collection))) if rows is None else rows
     timings = timings if timings is not None else {}
     batches = read_batches(collection.image_paths, rows, encoder.preprocess, batch_size,
@@ -75,18 +76,19 @@ def iter_embeddings(encoder: Encoder, collection: Collection, rows: list[int] | 
             return
         start = time.perf_counter()
         image = embed_image_batch(encoder, batch.pixels)
-        texts = [collection.text(r) for r in batch.rows]
-        text = embed_text_batch(encoder, texts)
+        strings = [collection.text(r) for r in batch.rows] if texts else []
+        text = embed_text_batch(encoder, strings) if texts else None
         timings["model"] = timings.get("model", 0.0) + time.perf_counter() - start
-        yield EmbeddedBatch(batch.rows, image, text, texts, batch.skipped)
+        yield EmbeddedBatch(batch.rows, image, text, strings, batch.skipped)
 
 
 def embed_arrays(encoder: Encoder, collection: Collection, batch_size: int = 64,
-                 num_workers: int | None = None) -> tuple[np.ndarray, np.ndarray | None,
-                                                          np.ndarray, Counter]:
+                 num_workers: int | None = None, texts: bool = True
+                 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, Counter]:
     """All embeddings in memory: (image (n,d), text (n,d) | None, rows kept, skip counts)."""
     images, texts, kept, skipped = [], [], [], Counter()
-    for b in iter_embeddings(encoder, collection, None, batch_size, num_workers):
+    for b in iter_embeddings(encoder, collection, None, batch_size, num_workers,
+                             texts=texts):
         images.append(b.image)
         if b.text is not None:
             texts.append(b.text)

@@ -129,8 +129,15 @@ def write_tiny(out: str | Path, arch: str = "siglip", image_size: int = 64, seed
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = train_tokenizer(vocab_size, arch) if arch != "vit" else None
     vocab = len(tokenizer) if tokenizer is not None else vocab_size
-    config = _config(arch, image_size, hidden_size, layers, heads, patch_size, vocab,
-                     max_text_len, tokenizer or _NoTokenizer())
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # default sub-configs warn about CLIP's token ids
+    try:
+        config = _config(arch, image_size, hidden_size, layers, heads, patch_size, vocab,
+                         max_text_len, tokenizer or _NoTokenizer())
+    finally:
+        hf_logging.set_verbosity(verbosity)
     torch.manual_seed(seed)
     model = AutoModel.from_config(config)
     if arch == "siglip":

@@ -80,6 +80,17 @@ class ContrastiveConfig:
 
 
 @dataclass
+class ProbeConfig:
+    kind: str = "logistic"  # logistic | mlp
+    C: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0])  # chosen on val
+    hidden: int = 256  # mlp
+    dropout: float = 0.2  # mlp
+    l2: float = 1e-3  # mlp weight decay
+    epochs: int = 300  # mlp, full batch; the epoch with the best val loss is kept
+    lr: float = 1e-3  # mlp
+
+
+@dataclass
 class EvalConfig:
     eval_every: int = 1  # epochs
     save_every_steps: int | None = None
@@ -107,6 +118,7 @@ class TrainConfig:
     contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
     source: str | None = field(default=None, metadata={"internal": True})
 
     def to_dict(self) -> dict[str, Any]:
@@ -348,6 +360,7 @@ def validate(cfg: TrainConfig, where: str | None = None) -> None:
     _choice(cfg.objective, OBJECTIVES, "objective", where)
     _choice(cfg.precision, PRECISIONS, "precision", where)
     _choice(cfg.preprocess, ("pad", "processor"), "preprocess", where)
+    _choice(cfg.probe.kind, ("logistic", "mlp"), "probe.kind", where)
     _choice(cfg.data.text, TEXT_SOURCES, "data.text", where)
     _choice(cfg.contrastive.loss, LOSSES, "contrastive.loss", where)
     _choice(cfg.contrastive.positives, POSITIVES, "contrastive.positives", where)

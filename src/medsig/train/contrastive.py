@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from medsig.data.collection import Collection
-from medsig.data.text import template_fields
 from medsig.errors import ConfigError
+from medsig.models.zeroshot import class_prompts
 from medsig.train.adapt import adapt_model, export_model
 from medsig.train.config import TrainConfig
 from medsig.train.data import Batch, TrainData, epoch_texts, single_class, step_batches
@@ -230,7 +230,7 @@ class ContrastiveObjective:
                           "offset": offset, "size": size, "thresholds": None,
                           "threshold_rule": None})
             offset += size
-        return {"heads": heads, "prompts": prompts(self.data.collection, self.data.labels),
+        return {"heads": heads, "prompts": class_prompts(self.data.collection, self.data.labels),
                 "image_size": self.image_size}
 
 
@@ -284,15 +284,3 @@ def hard_negative_batches(pool: np.ndarray, neighbours: dict[int, list[int]], st
         batches.append(current)
     order = rng.permutation(len(batches))
     return [batches[i] for i in order]
-
-
-def prompts(collection: Collection, labels: list[str]) -> dict[str, dict[str, list[str]]]:
-    """Zero-shot prompts per label and class: spec templates that use only that label."""
-    out: dict[str, dict[str, list[str]]] = {}
-    templates = collection.spec.templates
-    for name in labels:
-        lab = collection.labels[name]
-        own = [t for t in templates if template_fields(t) == [name]]
-        out[name] = {c: ([t.format(**{name: c}) for t in own] or
-                         [f"A medical image showing {c}."]) for c in lab.classes}
-    return out

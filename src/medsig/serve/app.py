@@ -1,0 +1,359 @@
+"""The FastAPI app: predict, search, embed, labels, thumbnails, health and the web page."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from contextlib import asynccontextmanager
+from functools import partial
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from medsig.errors import ConfigError, ImageError, MedsigError
+from medsig.index.store import point_id
+from medsig.serve import schemas as S
+from medsig.serve.security import ApiError, Upload, api_key_dependency, read_upload, sniff_image
+from medsig.serve.state import ServeSettings, ServeState, load_state, resolve_image, scrub_paths
+from medsig.serve.summary import decide, summarize
+
+log = logging.getLogger("medsig.serve")
+STATIC = Path(__file__).parent / "static"
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; "
+                               "style-src 'self'; script-src 'self'; connect-src 'self'; "
+                               "frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
+ERRORS = {code: {"model": S.ErrorResponse} for code in (400, 401, 413, 415, 422)}
+_IMAGE_PART = {"type": "string", "format": "binary",
+               "description": "JPEG, PNG, WebP or DICOM (format sniffed from the bytes)."}
+
+
+def _body(required: list[str], props: dict[str, Any], json_model: Any = None) -> dict:
+    form: dict[str, Any] = {"type": "object", "properties": props}
+    if required:
+        form["required"] = required
+    content: dict[str, Any] = {"multipart/form-data": {"schema": form}}
+    if json_model is not None:
+        content["application/json"] = {"schema": json_model.model_json_schema()}
+    return {"requestBody": {"required": True, "content": content}}
+
+
+def create_app(model: Any, store: str | Path | None = None, collection: str | None = None,
+               settings: ServeSettings | None = None) -> FastAPI:
+    """The app for a trained model folder (or a loaded Predictor), optionally with an index."""
+    settings = settings or ServeSettings()
+    state = load_state(model, store, collection, settings)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        yield
+        await state.close()
+
+    app = FastAPI(title="medsig", version=state.model.version, lifespan=lifespan,
+                  description="Label probabilities, decisions, findings summaries and "
+                              "similar cases for medical images. Not a diagnosis.")
+    app.state.medsig = state
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
+                           allow_methods=["GET", "POST"],
+                           allow_headers=["X-API-Key", "Authorization", "Content-Type"])
+    _install_error_handlers(app)
+    auth = [Depends(api_key_dependency(lambda: settings.api_key))]
+    _add_routes(app, state, auth)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
+
+
+# -- errors ----------------------------------------------------------------------------------
+def _error(status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status,
+                        headers=headers)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return _error(exc.status, exc.code, exc.message, exc.headers)
+
+    @app.exception_handler(ImageError)
+    async def image_error(_: Request, exc: ImageError) -> JSONResponse:
+        err = ApiError.from_image_error(exc)
+        return _error(err.status, err.code, err.message)
+
+    @app.exception_handler(MedsigError)
+    async def medsig_error(_: Request, exc: MedsigError) -> JSONResponse:
+        return _error(400, "bad_request", str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = (exc.errors() or [{}])[0]
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        return _error(422, "invalid_request", f"{where}: {first.get('msg', 'invalid')}")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return _error(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def internal(_: Request, exc: Exception) -> JSONResponse:
+        log.error("internal error: %s: %s", type(exc).__name__, str(exc)[:200])
+        return _error(500, "internal_error", "internal server error")
+
+
+# -- helpers ---------------------------------------------------------------------------------
+def _decode(state: ServeState, data: bytes, preprocess: Any, size: int | None) -> Any:
+    """Bytes -> preprocessed pixels (runs in a thread pool; nothing touches the disk)."""
+    from medsig.data.images import load_image
+
+    image = load_image(data, max_pixels=state.settings.max_pixels, draft_size=size)
+    return preprocess(image)
+
+
+async def _pixels(state: ServeState, data: bytes, preprocess: Any, size: int | None
+                  ) -> tuple[Any, str, float]:
+    if len(data) > state.settings.max_upload_bytes:
+        raise ApiError(413, "too_large", f"upload exceeds {state.settings.max_upload_bytes} "
+                                         "bytes")
+    fmt = sniff_image(data)
+    start = time.perf_counter()
+    pixels = await run_in_threadpool(_decode, state, data, preprocess, size)
+    return pixels, fmt, (time.perf_counter() - start) * 1000
+
+
+def _timing(start: float, decode_ms: float, info: Any) -> S.Timing:
+    return S.Timing(decode_ms=round(decode_ms, 2), total_ms=round(
+        (time.perf_counter() - start) * 1000, 2), inference_ms=round(
+        info.wait_ms + info.model_ms, 2), batch_size=info.size)
+
+
+def _field_int(upload: Upload, name: str, default: int, low: int, high: int) -> int:
+    raw = upload.first(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ApiError(422, "invalid_field", f"'{name}' must be an integer") from None
+    if not low <= value <= high:
+        raise ApiError(422, "invalid_field", f"'{name}' must be between {low} and {high}")
+    return value
+
+
+def _json_query(upload: Upload, model: Any) -> Any:
+    try:
+        return model.model_validate(upload.json)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ())) or "body"
+        raise ApiError(422, "invalid_request", f"{where}: {first['msg']}") from None
+
+
+def _require_file(upload: Upload) -> bytes:
+    if upload.file is None:
+        raise ApiError(422, "missing_field", "the image must be sent in the form field 'file'")
+    return upload.file
+
+
+def _embedder(state: ServeState):
+    if state.embedder is None:
+        raise ApiError(404, "not_configured", "this model has no embedding encoder")
+    return state.embedder
+
+
+# -- routes ----------------------------------------------------------------------------------
+def _add_routes(app: FastAPI, state: ServeState, auth: list) -> None:  # noqa: C901
+    settings = state.settings
+    predictor = state.predictor
+    size = getattr(predictor.preprocess, "size", None)
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html", headers=PAGE_HEADERS)
+
+    @app.get("/health", response_model=S.HealthResponse, tags=["service"])
+    async def health() -> S.HealthResponse:
+        """Liveness and what this server offers (no API key needed)."""
+        return S.HealthResponse(status="ok", model=state.model, search=state.store is not None,
+                                thumbnails=state.image_root is not None,
+                                auth_required=bool(settings.api_key),
+                                batching=settings.batching,
+                                uptime_s=round(time.time() - state.started, 1))
+
+    @app.get("/v1/labels", response_model=S.LabelsResponse, dependencies=auth,
+             responses=ERRORS, tags=["model"])
+    async def labels() -> S.LabelsResponse:
+        """The model's heads: classes (readable states) and saved thresholds."""
+        return S.LabelsResponse(model=state.model, heads=[h.info() for h in state.heads])
+
+    @app.post("/v1/predict", response_model=S.PredictResponse, dependencies=auth,
+              responses=ERRORS, tags=["model"],
+              openapi_extra=_body(["file"], {"file": _IMAGE_PART}))
+    async def predict(request: Request) -> S.PredictResponse:
+        """Per-label probabilities and decisions at the saved thresholds, and a summary."""
+        start = time.perf_counter()
+        upload = await read_upload(request, settings.max_upload_bytes)
+        data = _require_file(upload)
+        pixels, fmt, decode_ms = await _pixels(state, data, predictor.preprocess, size)
+        batcher = state.batcher("predict", predictor.predict_pixels)
+        probs, info = await batcher.submit(pixels)
+        results = decide(state.heads, np.asarray(probs))
+        return S.PredictResponse(
+            model=state.model, labels=results,
+            summary=summarize(results, state.model.name, state.model.version),
+            image=S.ImageInfo(format=fmt, bytes=len(data)),
+            timing=_timing(start, decode_ms, info))
+
+    search_props = {"file": _IMAGE_PART, "text": {"type": "string", "maxLength": 2000},
+                    "k": {"type": "integer", "minimum": 1, "maximum": settings.max_k,
+                          "default": 5},
+                    "where": {"type": "array", "items": {"type": "string"}},
+                    "using": {"type": "string", "enum": ["image", "text"]}}
+
+    @app.post("/v1/search", response_model=S.SearchResponse, dependencies=auth,
+              responses={**ERRORS, 404: {"model": S.ErrorResponse}}, tags=["search"],
+              openapi_extra=_body([], search_props, S.SearchQuery))
+    async def search(request: Request) -> S.SearchResponse:
+        """The k most similar indexed cases to an image (form) or a text (form or JSON)."""
+        start = time.perf_counter()
+        if state.store is None:
+            raise ApiError(404, "not_configured", "search is off: start the server with "
+                                                  "--store and --collection")
+        upload = await read_upload(request, settings.max_upload_bytes, allow_json=True)
+        if upload.is_json:
+            q = _json_query(upload, S.SearchQuery)
+            text, k, where, using = q.text, q.k, q.where, q.using
+        else:
+            text = upload.first("text") or None
+            k = _field_int(upload, "k", 5, 1, settings.max_k)
+            where = [w for w in upload.fields.get("where", []) if w.strip()]
+            using = upload.first("using") or "image"
+            if using not in ("image", "text"):
+                raise ApiError(422, "invalid_field", "'using' must be image or text")
+            if (upload.file is None) == (text is None):
+                raise ApiError(422, "missing_field",
+                               "send exactly one of the form fields 'file' or 'text'")
+        vector, decode_ms, info = await _embed(state, upload.file, text)
+        flt = _filter(where)
+        if using not in state.vector_names:
+            raise ApiError(422, "invalid_field", f"the index has no '{using}' vectors")
+        try:
+            hits = await asyncio.get_running_loop().run_in_executor(
+                state.store_executor, partial(state.store.search, vector, using, k, flt))
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ApiError(422, "invalid_filter", f"filter rejected: {str(exc)[:160]}"
+                           ) from None
+        return S.SearchResponse(
+            query="text" if upload.file is None else "image",
+            collection=state.store.collection, k=k, where=where,
+            hits=[_hit(state, rank, h) for rank, h in enumerate(hits, 1)],
+            timing=_timing(start, decode_ms, info))
+
+    @app.post("/v1/embed", response_model=S.EmbedResponse, dependencies=auth,
+              responses={**ERRORS, 404: {"model": S.ErrorResponse}}, tags=["search"],
+              openapi_extra=_body([], {"file": _IMAGE_PART,
+                                       "text": {"type": "string", "maxLength": 2000}},
+                                  S.EmbedQuery))
+    async def embed(request: Request) -> S.EmbedResponse:
+        """The L2-normalised embedding of an image or a text."""
+        start = time.perf_counter()
+        upload = await read_upload(request, settings.max_upload_bytes, allow_json=True)
+        if upload.is_json:
+            text: str | None = _json_query(upload, S.EmbedQuery).text
+        else:
+            text = upload.first("text") or None
+            if (upload.file is None) == (text is None):
+                raise ApiError(422, "missing_field",
+                               "send exactly one of the form fields 'file' or 'text'")
+        vector, decode_ms, info = await _embed(state, upload.file, text)
+        return S.EmbedResponse(input="text" if upload.file is None else "image",
+                               model=_embedder(state).name, dim=int(vector.shape[0]),
+                               vector=[round(float(x), 7) for x in vector],
+                               timing=_timing(start, decode_ms, info))
+
+    @app.get("/v1/cases/{case_id}/thumbnail", dependencies=auth, tags=["search"],
+             responses={**ERRORS, 404: {"model": S.ErrorResponse},
+                        200: {"content": {"image/jpeg": {}}}},
+             response_class=Response)
+    async def thumbnail(case_id: str) -> Response:
+        """A small JPEG of an indexed case (by point id or row id)."""
+        if state.store is None or state.image_root is None:
+            raise ApiError(404, "not_configured", "thumbnails need an index and its image root")
+        try:
+            pid = str(uuid.UUID(case_id))
+        except ValueError:
+            pid = point_id(case_id)
+        point = await asyncio.get_running_loop().run_in_executor(
+            state.store_executor, partial(state.store.get, pid, False))
+        path = None if point is None else resolve_image(state.image_root,
+                                                        (point.payload or {}).get("image"))
+        if path is None:
+            raise ApiError(404, "not_found", f"no image for case '{case_id[:80]}'")
+        data = await run_in_threadpool(_thumbnail, state, path)
+        return Response(data, media_type="image/jpeg",
+                        headers={"Cache-Control": "private, max-age=3600"})
+
+
+async def _embed(state: ServeState, data: bytes | None, text: str | None
+                 ) -> tuple[np.ndarray, float, Any]:
+    emb = _embedder(state)
+    if data is not None:
+        pixels, _, decode_ms = await _pixels(state, data, emb.preprocess, emb.image_size)
+        row, info = await state.batcher("embed_image", emb.image).submit(pixels)
+        return np.asarray(row, dtype=np.float32), decode_ms, info
+    if emb.text is None:
+        raise ApiError(422, "text_not_supported", f"model '{emb.name}' has no text encoder")
+    text = (text or "").strip()
+    if not text:
+        raise ApiError(422, "invalid_field", "'text' is empty")
+    row, info = await state.batcher("embed_text", emb.text, texts=True).submit(text[:2000])
+    return np.asarray(row, dtype=np.float32), 0.0, info
+
+
+def _filter(where: list[str]) -> Any:
+    from medsig.index.search import parse_where
+
+    if len(where) > 16:
+        raise ApiError(422, "invalid_filter", "at most 16 filters")
+    try:
+        return parse_where(where)
+    except ConfigError as exc:
+        raise ApiError(422, "invalid_filter", exc.message) from None
+
+
+def _hit(state: ServeState, rank: int, hit: Any) -> S.SearchHit:
+    payload = scrub_paths(hit.payload, state.image_root)
+    thumb = None
+    if state.image_root is not None and resolve_image(state.image_root, payload.get("image")):
+        thumb = f"/v1/cases/{hit.id}/thumbnail"
+    return S.SearchHit(rank=rank, id=str(payload.get("id", hit.id)), point_id=hit.id,
+                       score=round(float(hit.score), 6), labels=payload.get("labels") or {},
+                       payload=payload, thumbnail=thumb)
+
+
+def _thumbnail(state: ServeState, path: Path) -> bytes:
+    """A small JPEG of an indexed image (decoded at reduced size when possible)."""
+    from medsig.data.images import load_image
+
+    side = state.settings.thumbnail_size
+    try:
+        image = load_image(path, max_pixels=state.settings.max_pixels, draft_size=side)
+    except ImageError as exc:
+        raise ApiError(404, "not_found", f"case image unavailable ({exc.reason})") from None
+    image.thumbnail((side, side))
+    out = BytesIO()
+    image.save(out, format="JPEG", quality=85)
+    return out.getvalue()

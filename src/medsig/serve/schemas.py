@@ -1,0 +1,138 @@
+"""Response models of the HTTP API: the documented JSON schema (docs/serving.md)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ErrorBody(_Model):
+    code: str = Field(description="Stable machine-readable tag, e.g. `not_an_image`.")
+    message: str = Field(description="One line for a person.")
+
+
+class ErrorResponse(_Model):
+    error: ErrorBody
+
+
+class ModelInfo(_Model):
+    name: str
+    version: str
+
+
+class ClassScore(_Model):
+    name: str = Field(description="Class or readable state this probability is for.")
+    probability: float
+    threshold: float | None = Field(
+        description="Decision threshold (binary / multilabel); null for multiclass (argmax).")
+    positive: bool = Field(description="Probability reaches the threshold (or is the argmax).")
+
+
+class LabelResult(_Model):
+    name: str
+    kind: Literal["binary", "multiclass", "multilabel"]
+    classes: list[str] = Field(description="Binary: [negative state, positive state].")
+    probability: float = Field(
+        description="Binary: P(positive state); multiclass: P(decided class); "
+                    "multilabel: highest class probability.")
+    threshold: float | None = Field(description="Binary: the saved threshold; else null.")
+    decision: str = Field(description="Readable decision, e.g. `needs attention`.")
+    present: list[str] = Field(description="Decided class(es); empty when none.")
+    scores: list[ClassScore] = Field(
+        description="One bar per output: binary 1, multiclass / multilabel one per class.")
+
+
+class Timing(_Model):
+    decode_ms: float = Field(description="Decoding and preprocessing the upload.")
+    inference_ms: float = Field(description="Waiting in the batch queue plus the model run.")
+    total_ms: float
+    batch_size: int = Field(description="Requests served by the same model call.")
+
+
+class ImageInfo(_Model):
+    format: str = Field(description="Sniffed from the bytes: jpeg, png, webp or dicom.")
+    bytes: int
+
+
+class PredictResponse(_Model):
+    model: ModelInfo
+    labels: list[LabelResult]
+    summary: str = Field(description="Plain-text findings for an LLM prompt, with a caveat.")
+    image: ImageInfo
+    timing: Timing
+
+
+class SearchHit(_Model):
+    rank: int
+    id: str = Field(description="Row id of the indexed case.")
+    point_id: str
+    score: float = Field(description="Cosine similarity.")
+    labels: dict[str, Any] = Field(description="Readable label values of the case.")
+    payload: dict[str, Any] = Field(description="Indexed metadata; `image` is relative to "
+                                                "the image root, never an absolute path.")
+    thumbnail: str | None = Field(description="URL of a small JPEG, when the image root "
+                                              "is known.")
+
+
+class SearchQuery(_Model):
+    """JSON body of POST /v1/search (a text query)."""
+
+    text: str = Field(min_length=1, max_length=2000)
+    k: int = Field(5, ge=1, le=50)
+    where: list[str] = Field(default_factory=list, max_length=16,
+                             description="Filters like the CLI: `key=value`, `key!=v`, "
+                                         "`key>=n`; dots for nested keys (`labels.urgency=...`).")
+    using: Literal["image", "text"] = Field(
+        "image", description="Which indexed vectors to compare with.")
+
+
+class SearchResponse(_Model):
+    query: Literal["image", "text"]
+    collection: str
+    k: int
+    where: list[str]
+    hits: list[SearchHit]
+    timing: Timing
+
+
+class EmbedQuery(_Model):
+    """JSON body of POST /v1/embed (a text)."""
+
+    text: str = Field(min_length=1, max_length=2000)
+
+
+class EmbedResponse(_Model):
+    input: Literal["image", "text"]
+    model: str = Field(description="Encoder that produced the vector (the index's encoder "
+                                   "when search is configured).")
+    dim: int
+    vector: list[float] = Field(description="L2-normalised embedding.")
+    timing: Timing
+
+
+class HeadInfo(_Model):
+    name: str
+    kind: Literal["binary", "multiclass", "multilabel"]
+    classes: list[str]
+    thresholds: list[float]
+    threshold_rule: str | None = None
+
+
+class LabelsResponse(_Model):
+    model: ModelInfo
+    heads: list[HeadInfo]
+
+
+class HealthResponse(_Model):
+    status: Literal["ok"]
+    model: ModelInfo
+    search: bool = Field(description="An index is configured for /v1/search.")
+    thumbnails: bool = Field(description="The image root of the index is known.")
+    auth_required: bool = Field(description="/v1 routes need an API key.")
+    batching: bool
+    uptime_s: float
