@@ -21,6 +21,23 @@ app.add_typer(model_app, name="model")
 console = Console()
 
 
+def _mount() -> None:
+    """Sub-commands of the later stages (each module keeps its own options)."""
+    from medsig.serve.cli import serve
+    from medsig.train.cli import train_app
+
+    app.add_typer(train_app, name="train")
+    app.command("serve")(serve)
+    try:
+        from medsig.evaluate.cli import eval_command
+    except ImportError:  # evaluation runner not installed in this build
+        return
+    app.command("eval")(eval_command)
+
+
+_mount()
+
+
 # -- data ------------------------------------------------------------------------------------
 @data_app.command("inspect")
 def data_inspect(spec: Path = typer.Argument(..., help="Dataset spec (YAML)."),
@@ -200,6 +217,9 @@ def demo(out: Path = typer.Option(Path("runs/demo"), help="Output folder."),
 
 def main() -> None:
     """Entry point: user errors become one red line and exit code 2."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Loading weights" bars on every model load
     try:
         app()
     except MedsigError as exc:

@@ -54,10 +54,16 @@ class Encoder:
 
         name = str(name_or_path)
         device = select_device(device)
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # SigLIP's default sub-config warns about CLIP ids
         try:
             config = AutoConfig.from_pretrained(name)
         except _LOAD_ERRORS as exc:
             raise ConfigError(f"cannot load model '{name}': {_first_line(exc)}") from None
+        finally:
+            hf_logging.set_verbosity(verbosity)
         model_type = str(getattr(config, "model_type", ""))
         if model_type == "siglip2":
             raise ConfigError(f"model '{name}' is a SigLIP 2 NaFlex checkpoint (variable "

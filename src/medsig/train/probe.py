@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -69,57 +68,103 @@ def head_aucs(heads: list[Head], collection: Any, probs: np.ndarray) -> dict[str
 
 
 # -- logistic --------------------------------------------------------------------------------
-def _fit_logistic_head(h: Head, x: np.ndarray, t: np.ndarray, xv: np.ndarray,
-                       tv: np.ndarray, grid: list[float], seed: int
-                       ) -> tuple[np.ndarray, np.ndarray, list[Any], float]:
-    """(W (size, d), b (size,), estimators, C) for one head on standardised features."""
+def _fit_linear(heads: list[Head], x: torch.Tensor, targets: list[torch.Tensor], c: float,
+                init: ProbeNet | None = None) -> ProbeNet:
+    """Every head's logistic regression at once: L-BFGS on the masked mean loss + L2 / (2Cn).
+
+    The objective is separable across outputs, so one joint fit per C gives each head the
+    same solution as its own fit (what scikit-learn would solve one output at a time).
+    """
+    k = sum(h.size for h in heads)
+    net = ProbeNet(x.shape[1], k)
+    if init is not None:
+        net.load_state_dict(init.state_dict())
+    layer = net.net[0]
+    opt = torch.optim.LBFGS(layer.parameters(), lr=1.0, max_iter=200, tolerance_grad=1e-6,
+                            history_size=20, line_search_fn="strong_wolfe")
+    penalty = 1.0 / (2.0 * c * len(x))
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = _head_losses(layer(x), heads, targets, None).sum() \
+            + penalty * layer.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return net.eval()
+
+
+def _head_losses(logits: torch.Tensor, heads: list[Head], targets: list[torch.Tensor],
+                 pos_w: list[torch.Tensor | None] | None) -> torch.Tensor:
+    """(H,) loss per head: masked mean BCE per output (summed) or cross-entropy."""
+    out = []
+    for i, (h, t) in enumerate(zip(heads, targets)):
+        z = logits[:, h.offset:h.offset + h.size]
+        if h.kind == "multiclass":
+            y = t[:, 0]
+            out.append(F.cross_entropy(z, y, ignore_index=-1) if (y >= 0).any()
+                       else z.sum() * 0)
+            continue
+        mask = (t >= 0).float()
+        pw = pos_w[i] if pos_w is not None else None
+        raw = F.binary_cross_entropy_with_logits(z, t.clamp(min=0), pos_weight=pw,
+                                                 reduction="none")
+        out.append(((raw * mask).sum(0) / mask.sum(0).clamp(min=1)).sum())
+    return torch.stack(out)
+
+
+def _fit_logistic(heads: list[Head], xs: np.ndarray, targets: list[np.ndarray],
+                  xvs: np.ndarray, targets_v: list[np.ndarray], cfg: TrainConfig
+                  ) -> tuple[ProbeNet, dict[str, Any], dict[str, float]]:
+    """Logistic probes with C chosen per head by val loss; sklearn twins for probe.joblib."""
+    torch.manual_seed(cfg.seed)
+    x, xv = torch.as_tensor(xs, dtype=torch.float32), torch.as_tensor(xvs, dtype=torch.float32)
+    tt = [torch.as_tensor(t) for t in targets]
+    tv = [torch.as_tensor(t) for t in targets_v]
+    fits, val_losses, previous = [], [], None
+    for c in sorted(cfg.probe.C):  # strong → weak regularisation, warm-started
+        previous = _fit_linear(heads, x, tt, float(c), previous)
+        fits.append(previous)
+        with torch.no_grad():
+            val_losses.append(_head_losses(previous(xv), heads, tv, None))
+    losses = torch.stack(val_losses)  # (grid, heads)
+    best = losses.argmin(dim=0).tolist()
+    grid = sorted(cfg.probe.C)
+    net = ProbeNet(xs.shape[1], sum(h.size for h in heads))
+    with torch.no_grad():
+        for h, j in zip(heads, best):
+            cols = slice(h.offset, h.offset + h.size)
+            net.net[0].weight[cols] = fits[j].net[0].weight[cols]
+            net.net[0].bias[cols] = fits[j].net[0].bias[cols]
+    chosen = {h.name: float(grid[j]) for h, j in zip(heads, best)}
+    return net.eval(), _sklearn_twins(heads, net), chosen
+
+
+def _sklearn_twins(heads: list[Head], net: ProbeNet) -> dict[str, Any]:
+    """scikit-learn LogisticRegression objects with the fitted coefficients (standardised x)."""
     from sklearn.linear_model import LogisticRegression
 
-    d = x.shape[1]
-    w, b = np.zeros((h.size, d), np.float32), np.zeros(h.size, np.float32)
-    columns = [0] if h.kind == "multiclass" else list(range(h.size))
-    best_c, estimators = grid[0], []
-    for j in columns:
-        ok, okv = t[:, j] >= 0, tv[:, j] >= 0
-        y, yv = t[ok, j].astype(int), tv[okv, j].astype(int)
-        present = sorted(set(y.tolist()))
-        if len(present) < 2:  # one class in train: a constant at its rate
-            rate = float(np.clip(np.mean(y) if len(y) else 0.5, 1e-3, 1 - 1e-3))
-            if h.kind == "multiclass":
-                b[:] = -20.0
-                if present:
-                    b[present[0]] = 0.0
-            else:
-                b[j] = np.log(rate / (1 - rate))
-            estimators.append(None)
-            continue
-        scores = []
-        for c in grid:
-            est = LogisticRegression(C=c, max_iter=2000, random_state=seed)
-            est.fit(x[ok], y)
-            scores.append(_val_score(est, xv[okv], yv))
-        best_c = grid[int(np.nanargmax(scores))] if not np.all(np.isnan(scores)) else 1.0
-        est = LogisticRegression(C=best_c, max_iter=2000, random_state=seed).fit(x[ok], y)
-        estimators.append(est)
+    w = net.net[0].weight.detach().numpy().astype(np.float64)
+    b = net.net[0].bias.detach().numpy().astype(np.float64)
+    out: dict[str, Any] = {}
+    for h in heads:
+        cols = slice(h.offset, h.offset + h.size)
         if h.kind == "multiclass":
-            b[:] = -20.0
-            if len(est.classes_) == 2:  # sklearn keeps one row for two classes
-                w[est.classes_[1]], b[est.classes_[1]] = est.coef_[0], est.intercept_[0]
-                b[est.classes_[0]] = 0.0
-            else:
-                w[est.classes_], b[est.classes_] = est.coef_, est.intercept_
-        else:
-            w[j], b[j] = est.coef_[0], est.intercept_[0]
-    return w, b, estimators, best_c
-
-
-def _val_score(est: Any, xv: np.ndarray, yv: np.ndarray) -> float:
-    from sklearn.metrics import log_loss
-
-    if len(yv) == 0:
-        return float("nan")
-    p = est.predict_proba(xv)
-    return -float(log_loss(yv, p, labels=est.classes_))
+            est = LogisticRegression()
+            est.classes_ = np.arange(h.size)
+            est.coef_, est.intercept_ = w[cols].copy(), b[cols].copy()
+            out[h.name] = [est]
+            continue
+        ests = []
+        for j in range(h.size):
+            est = LogisticRegression()
+            est.classes_ = np.array([0, 1])
+            est.coef_ = w[h.offset + j][None].copy()
+            est.intercept_ = b[h.offset + j:h.offset + j + 1].copy()
+            ests.append(est)
+        out[h.name] = ests
+    return out
 
 
 # -- MLP ---------------------------------------------------------------------------------------
@@ -138,11 +183,11 @@ def _fit_mlp(heads: list[Head], x: np.ndarray, targets: list[np.ndarray], xv: np
     for epoch in range(p.epochs):
         net.train()
         opt.zero_grad()
-        _mlp_loss(net(xt), heads, tt, pos_w).backward()
+        _head_losses(net(xt), heads, tt, pos_w).sum().backward()
         opt.step()
         net.eval()
         with torch.no_grad():
-            val = float(_mlp_loss(net(xvt), heads, tvt, pos_w))
+            val = float(_head_losses(net(xvt), heads, tvt, pos_w).sum())
         if val < best - 1e-6:
             best, best_epoch = val, epoch + 1
             best_state = {n: v.clone() for n, v in net.state_dict().items()}
@@ -156,24 +201,6 @@ def _pos_weight(t: torch.Tensor) -> torch.Tensor:
     pos = ((t == 1) & valid).sum(0).float()
     neg = ((t == 0) & valid).sum(0).float()
     return torch.where(pos > 0, neg / pos.clamp(min=1), torch.ones_like(pos))
-
-
-def _mlp_loss(logits: torch.Tensor, heads: list[Head], targets: list[torch.Tensor],
-              pos_w: list[torch.Tensor | None]) -> torch.Tensor:
-    total = logits.new_zeros(())
-    for h, t, pw in zip(heads, targets, pos_w):
-        z = logits[:, h.offset:h.offset + h.size]
-        if h.kind == "multiclass":
-            y = t[:, 0]
-            if (y >= 0).any():
-                total = total + F.cross_entropy(z, y, ignore_index=-1)
-            continue
-        mask = t >= 0
-        if mask.any():
-            raw = F.binary_cross_entropy_with_logits(z, t.clamp(min=0), pos_weight=pw,
-                                                     reduction="none")
-            total = total + (raw * mask).sum() / mask.sum()
-    return total
 
 
 # -- entry point -------------------------------------------------------------------------------
@@ -262,25 +289,6 @@ def _embed(cfg: TrainConfig, collection: Any) -> tuple[np.ndarray, np.ndarray, d
                                          batch_size=cfg.optim.batch_size, texts=False,
                                          num_workers=cfg.num_workers)
     return emb.astype(np.float32), rows[kept], dict(skipped), encoder
-
-
-def _fit_logistic(heads: list[Head], xs: np.ndarray, targets: list[np.ndarray],
-                  xvs: np.ndarray, targets_v: list[np.ndarray], cfg: TrainConfig
-                  ) -> tuple[ProbeNet, dict[str, list[Any]], dict[str, float]]:
-    k = sum(h.size for h in heads)
-    net = ProbeNet(xs.shape[1], k)
-    weight, bias = np.zeros((k, xs.shape[1]), np.float32), np.zeros(k, np.float32)
-    estimators, chosen = {}, {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # convergence chatter on tiny val sets
-        for h, t, tv in zip(heads, targets, targets_v):
-            w, b, est, c = _fit_logistic_head(h, xs, t, xvs, tv, list(cfg.probe.C), cfg.seed)
-            weight[h.offset:h.offset + h.size], bias[h.offset:h.offset + h.size] = w, b
-            estimators[h.name], chosen[h.name] = est, c
-    with torch.no_grad():
-        net.net[0].weight.copy_(torch.as_tensor(weight))
-        net.net[0].bias.copy_(torch.as_tensor(bias))
-    return net, estimators, chosen
 
 
 def _thresholds(heads: list[Head], val: Any, probs: np.ndarray, rule: Any
