@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from medsig.errors import ConfigError
 from medsig.models.predictor import PROBE_WEIGHTS, ProbeNet, head_probabilities
-from medsig.train.classify import Head, build_heads
+from medsig.train.classify import Head, _auc, build_heads
 from medsig.train.config import TrainConfig, load_config
 
 
@@ -32,15 +32,6 @@ def _targets(collection: Any, h: Head) -> np.ndarray:
     if h.kind == "multilabel":
         return t.astype(np.float32)
     return t.astype(np.int64)[:, None]
-
-
-def _auc(y: np.ndarray, p: np.ndarray) -> float | None:
-    from sklearn.metrics import roc_auc_score
-
-    ok = y >= 0
-    if len(set(y[ok].tolist())) < 2:
-        return None
-    return float(roc_auc_score(y[ok], p[ok]))
 
 
 def _onehot(h: Head, t: np.ndarray) -> np.ndarray:
