@@ -40,7 +40,8 @@ def test_plain_transformers_loads_model_processor_tokenizer(folders, arch):
 def test_encoder_embeds_like_the_model(folders):
     enc = Encoder.load(folders["siglip"])
     assert enc.kind == "siglip" and enc.embed_dim == 64 and enc.image_size == 32
-    assert enc.logit_bias is not None and float(enc.logit_scale.detach().exp()) == pytest.approx(10.0)
+    assert enc.logit_bias is not None
+    assert float(enc.logit_scale.detach().exp()) == pytest.approx(10.0)
     pixels = torch.randn(3, 3, 32, 32)
     emb = enc.embed_images(pixels)
     want = enc.model.get_image_features(pixel_values=pixels).pooler_output
