@@ -86,17 +86,17 @@ def embed_arrays(encoder: Encoder, collection: Collection, batch_size: int = 64,
                  num_workers: int | None = None, texts: bool = True
                  ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, Counter]:
     """All embeddings in memory: (image (n,d), text (n,d) | None, rows kept, skip counts)."""
-    images, texts, kept, skipped = [], [], [], Counter()
+    images, text_parts, kept, skipped = [], [], [], Counter()
     for b in iter_embeddings(encoder, collection, None, batch_size, num_workers,
                              texts=texts):
         images.append(b.image)
         if b.text is not None:
-            texts.append(b.text)
+            text_parts.append(b.text)
         kept.extend(b.rows)
         skipped.update(reason for _, reason, _ in b.skipped)
     dim = encoder.embed_dim
     image = np.concatenate(images) if images else np.zeros((0, dim), np.float32)
-    text = np.concatenate(texts) if texts else None
+    text = np.concatenate(text_parts) if text_parts else None
     return image, text, np.asarray(kept, dtype=np.int64), skipped
 
 

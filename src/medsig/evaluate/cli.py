@@ -1,0 +1,118 @@
+"""``medsig eval``: evaluate one or more models on a split, print a compact summary."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from medsig.errors import ConfigError
+from medsig.evaluate.report import fmt
+from medsig.evaluate.run import TASKS
+
+
+def parse_models(items: list[str] | None) -> dict[str, str]:
+    """``["base=google/siglip-base", "ft=runs/ft"]`` -> {name: path}, order kept."""
+    out: dict[str, str] = {}
+    for item in items or []:
+        name, sep, path = item.partition("=")
+        name, path = name.strip(), path.strip()
+        if not sep or not name or not path:
+            raise ConfigError(f"--model '{item}': expected name=path "
+                              "(e.g. base=google/siglip-base-patch16-224)")
+        if name in out:
+            raise ConfigError(f"--model: the name '{name}' is given twice")
+        out[name] = path
+    if not out:
+        raise ConfigError("no models to evaluate: pass --model name=path at least once")
+    return out
+
+
+def parse_tasks(tasks: str) -> list[str]:
+    """``"retrieval,zeroshot"`` or ``"all"`` -> task names; unknown names are an error."""
+    names = [t.strip().lower() for t in tasks.split(",") if t.strip()]
+    if names == ["all"]:
+        return list(TASKS)
+    unknown = [t for t in names if t not in TASKS]
+    if unknown or not names:
+        raise ConfigError(f"--tasks: unknown task(s) {', '.join(unknown) or '(none)'}; choose "
+                          f"from {', '.join(TASKS)} or all")
+    return list(dict.fromkeys(names))
+
+
+SHORT = (("classification/macro_auc", "classify AUC"), ("zeroshot/accuracy", "0-shot acc"),
+         ("zeroshot/macro_auc", "0-shot AUC"), ("retrieval/image_to_text_recall@", "i→t R@"),
+         ("retrieval/text_to_image_recall@", "t→i R@"), ("clustering/nmi:", "NMI "))
+
+
+def short_name(metric: str) -> str:
+    for long, short in SHORT:
+        if metric.startswith(long):
+            return short + metric[len(long):]
+    return metric
+
+
+def _cell(r: dict[str, Any] | None) -> str:
+    if not r or r.get("point") is None:
+        return "–"
+    if r.get("low") is None or r.get("high") is None:
+        return fmt(r["point"])
+    return f"{fmt(r['point'])} ({fmt(r['low'], 2)}–{fmt(r['high'], 2)})"
+
+
+def summary_table(metrics: dict[str, Any]) -> Table:
+    """Headline metrics: one column per model (point [95% CI]) and the winner."""
+    models = list(metrics.get("model_order") or [])
+    table = Table(title=f"{metrics['spec']['name']}: split {metrics['split']}, "
+                        f"{metrics['n_rows']} images, {metrics['n_groups']} groups",
+                  title_justify="left")
+    table.add_column("metric", no_wrap=True)
+    for m in models:
+        table.add_column(m, justify="right")
+    table.add_column("winner")
+    for metric, per in (metrics.get("headline") or {}).items():
+        w = (metrics.get("winners") or {}).get(metric) or {}
+        verdict = {"clear": "", "only model": "", "not significant": " (n.s.)"}.get(
+            w.get("verdict", ""), " (untested)")
+        table.add_row(short_name(metric), *[_cell(per.get(m)) for m in models],
+                      f"{w.get('model', '–')}{verdict}")
+    return table
+
+
+def eval_command(
+    spec: Path = typer.Argument(..., help="Dataset spec (YAML) with a split."),
+    models: list[str] = typer.Option(
+        ..., "--model", "-m",
+        help="name=path (hub id or folder); repeat for several models, the first is the "
+             "reference for paired differences."),
+    tasks: str = typer.Option(",".join(TASKS), help="Comma-separated tasks, or 'all'."),
+    split: str = typer.Option("test", help="Split to evaluate (train / val / test)."),
+    out: Path = typer.Option(Path("runs/eval"), help="Folder for metrics.json, the report "
+                                                     "and the embedding cache."),
+    n_boot: int = typer.Option(1000, help="Bootstrap resamples (groups) per metric."),
+    subgroups: list[str] | None = typer.Option(
+        None, "--subgroup", "-s", help="Metadata column for subgroup tables; repeatable."),
+    batch_size: int = typer.Option(64, help="Images per batch."),
+    device: str | None = typer.Option(None, help="cuda | mps | cpu (default: best available)."),
+) -> None:
+    """Evaluate models on a split: metrics with group-bootstrap CIs, paired differences
+    and an HTML report (research metrics, not a diagnostic claim)."""
+    from medsig.evaluate.run import evaluate
+
+    named = parse_models(models)
+    task_list = parse_tasks(tasks)
+    if n_boot < 1:
+        raise ConfigError(f"--n-boot must be >= 1, got {n_boot}")
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
+    metrics = evaluate(spec, named, task_list, split=split, out=out, batch_size=batch_size,
+                       n_boot=n_boot, subgroups=subgroups or None, device=device)
+    console = Console()
+    console.print(summary_table(metrics))
+    console.print("(95% group-bootstrap CIs; n.s. = the paired difference with the first "
+                  "model is not significant)", highlight=False)
+    console.print(f"report: {out / 'report.html'}  metrics: {out / 'metrics.json'}",
+                  highlight=False)
