@@ -111,6 +111,8 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--hidden", type=int, default=384)
     ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--heads", type=int, default=6)
+    ap.add_argument("--patch", type=int, default=16)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--workers", type=int, default=None)
     args = ap.parse_args()
@@ -118,8 +120,8 @@ def main() -> None:
     try:
         spec = make_collection(work, args.n)
         model_dir = write_tiny(work / "model", arch="siglip", image_size=args.image_size,
-                               hidden_size=args.hidden, layers=args.layers, heads=6,
-                               patch_size=16)
+                               hidden_size=args.hidden, layers=args.layers, heads=args.heads,
+                               patch_size=args.patch)
         encoder = Encoder.load(model_dir, preprocess="resize")
         col = load_collection(spec)
         paths, texts = col.image_paths, col.texts()

@@ -66,7 +66,7 @@ def test_mlp_probe_masks_missing_and_loads(setup):
     from medsig.train.probe import train_probe
 
     root, spec, tiny = setup
-    out = train_probe(spec, tiny, root / "mlp", probe={"kind": "mlp", "epochs": 50})
+    out = train_probe(spec, tiny, root / "mlp", probe={"kind": "mlp", "mlp_epochs": 50})
     meta = json.loads((out / "medsig.json").read_text())
     assert meta["probe"]["kind"] == "mlp" and meta["probe"]["hidden"] == 256
     assert 1 <= meta["probe"]["best_epoch"] <= 50

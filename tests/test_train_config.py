@@ -72,3 +72,15 @@ def test_unknown_key_in_yaml_names_the_file(tmp_path: Path) -> None:
 def test_required_keys() -> None:
     with pytest.raises(ConfigError, match="'spec' is required"):
         load_config({"model": "m", "out": "o"})
+
+
+def test_short_keys_and_mapping_entries():
+    from medsig.train.config import load_config
+
+    cfg = load_config({"spec": "s.yaml", "model": "m", "out": "o"},
+                      ["lr=1e-4", "epochs=3", "eval.thresholds.urgent=0.9",
+                       "probe.mlp_epochs=7"])
+    assert cfg.optim.lr == 1e-4 and cfg.optim.epochs == 3 and cfg.probe.mlp_epochs == 7
+    assert cfg.eval.thresholds == {"urgent": 0.9}
+    with pytest.raises(ConfigError, match="did you mean 'eval.thresholds'"):
+        load_config({"spec": "s.yaml", "model": "m", "out": "o"}, ["eval.thresholdz.urgent=1"])

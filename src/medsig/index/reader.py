@@ -70,4 +70,6 @@ def default_workers() -> int:
     import os
 
     n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(0, min(8, (n or 1) - 1))
+    # every core: decoding is the bottleneck for small models, and a large model's forward
+    # leaves workers idle most of the time (measured in bench/embed.py)
+    return max(1, min(8, n or 1))

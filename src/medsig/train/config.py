@@ -84,10 +84,10 @@ class ProbeConfig:
     kind: str = "logistic"  # logistic | mlp
     C: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0])  # chosen on val
     hidden: int = 256  # mlp
-    dropout: float = 0.2  # mlp
+    mlp_dropout: float = 0.2
     l2: float = 1e-3  # mlp weight decay
-    epochs: int = 300  # mlp, full batch; the epoch with the best val loss is kept
-    lr: float = 1e-3  # mlp
+    mlp_epochs: int = 300  # full batch; the epoch with the best val loss is kept
+    mlp_lr: float = 1e-3
 
 
 @dataclass
@@ -267,8 +267,16 @@ def _resolve(cfg: TrainConfig, key: str, where: str | None
 
 
 def set_key(cfg: TrainConfig, key: str, value: Any, where: str | None = None) -> None:
-    """Set one (dotted or flat) key, converting the value to the field's type."""
-    obj, f, path = _resolve(cfg, key, where)
+    """Set one (dotted or flat) key, converting the value to the field's type.
+
+    A key below a mapping-valued field sets one entry: ``eval.thresholds.urgency=0.9``.
+    """
+    try:
+        obj, f, path = _resolve(cfg, key, where)
+    except ConfigError:
+        if "." not in key or not _set_entry(cfg, key, value, where):
+            raise
+        return
     assert f is not None
     kind = _hints(type(obj))[f.name]
     name = ".".join(path)
@@ -282,6 +290,22 @@ def set_key(cfg: TrainConfig, key: str, value: Any, where: str | None = None) ->
             set_key(cfg, f"{name}.{k}", v, where)
         return
     setattr(obj, f.name, _convert(value, kind, name, where))
+
+
+def _set_entry(cfg: TrainConfig, key: str, value: Any, where: str | None) -> bool:
+    """Set ``parent.entry`` when ``parent`` is a free-form (mapping) field; False otherwise."""
+    parent, entry = key.rsplit(".", 1)
+    try:
+        obj, f, _ = _resolve(cfg, parent, where)
+    except ConfigError:
+        return False
+    if f is None or _hints(type(obj))[f.name] is not Any:
+        return False
+    current = getattr(obj, f.name)
+    mapping = dict(current) if isinstance(current, dict) else {}
+    mapping[entry] = value
+    setattr(obj, f.name, mapping)
+    return True
 
 
 def _hints(cls: type) -> dict[str, Any]:

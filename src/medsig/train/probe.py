@@ -164,14 +164,14 @@ def _fit_mlp(heads: list[Head], x: np.ndarray, targets: list[np.ndarray], xv: np
     torch.manual_seed(cfg.seed)
     p = cfg.probe
     k = sum(h.size for h in heads)
-    net = ProbeNet(x.shape[1], k, p.hidden, p.dropout)
-    opt = torch.optim.AdamW(net.parameters(), lr=p.lr, weight_decay=p.l2)
+    net = ProbeNet(x.shape[1], k, p.hidden, p.mlp_dropout)
+    opt = torch.optim.AdamW(net.parameters(), lr=p.mlp_lr, weight_decay=p.l2)
     xt, xvt = torch.as_tensor(x), torch.as_tensor(xv)
     tt = [torch.as_tensor(t) for t in targets]
     tvt = [torch.as_tensor(t) for t in targets_v]
     pos_w = [_pos_weight(t) if h.kind != "multiclass" else None for h, t in zip(heads, tt)]
     best, best_state, best_epoch = float("inf"), None, 0
-    for epoch in range(p.epochs):
+    for epoch in range(p.mlp_epochs):
         net.train()
         opt.zero_grad()
         _head_losses(net(xt), heads, tt, pos_w).sum().backward()
@@ -233,7 +233,7 @@ def train_probe(config: TrainConfig | dict | str | Path, model: str | Path | Non
     if cfg.probe.kind == "mlp":
         net, epoch = _fit_mlp(heads, xs.astype(np.float32), targets, xvs.astype(np.float32),
                               targets_v, cfg)
-        info.update(hidden=cfg.probe.hidden, dropout=cfg.probe.dropout, best_epoch=epoch)
+        info.update(hidden=cfg.probe.hidden, dropout=cfg.probe.mlp_dropout, best_epoch=epoch)
         estimators = None
     else:
         net, estimators, chosen = _fit_logistic(heads, xs, targets, xvs, targets_v, cfg)
