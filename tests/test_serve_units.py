@@ -91,6 +91,17 @@ def test_decide_follows_thresholds_and_readable_states() -> None:
     assert "not a diagnosis" in CAVEAT
 
 
+def test_summary_names_the_strongest_multilabel_findings_and_counts_the_rest() -> None:
+    from medsig.serve.summary import MAX_LISTED
+
+    classes = [f"c{i}" for i in range(12)]
+    head = Head("condition", "multilabel", classes, 0, 12, [0.1] * 12)
+    probs = np.linspace(0.9, 0.35, 12)
+    text = summarize(decide([head], probs), "m", "1")
+    assert "c0 (p=0.90" in text and f"c{MAX_LISTED - 1} " in text
+    assert f"c{MAX_LISTED} " not in text and f"{12 - MAX_LISTED} more above threshold" in text
+
+
 def test_head_from_medsig_json_dict() -> None:
     h = Head.of({"name": "edema", "kind": "binary", "classes": ["no edema", "edema"],
                  "offset": 3, "size": 1, "thresholds": [0.7], "threshold_rule": "youden"})

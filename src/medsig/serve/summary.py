@@ -10,6 +10,8 @@ import numpy as np
 
 from medsig.serve.schemas import ClassScore, HeadInfo, LabelResult
 
+MAX_LISTED = 5  # multilabel findings named in the summary; the rest are counted
+
 CAVEAT = ("Note: automated image analysis for decision support only; this is not a "
           "diagnosis and must be reviewed by a clinician.")
 
@@ -105,5 +107,7 @@ def _finding(lab: LabelResult) -> str:
             f" (highest {top.name} p={top.probability:.2f}, threshold {top.threshold:.2f})"
             if top else "")
     found.sort(key=lambda s: -s.probability)
-    return ", ".join(f"{s.name} (p={s.probability:.2f}, threshold {s.threshold:.2f})"
-                     for s in found)
+    shown = ", ".join(f"{s.name} (p={s.probability:.2f}, threshold {s.threshold:.2f})"
+                      for s in found[:MAX_LISTED])
+    more = len(found) - MAX_LISTED
+    return shown + (f"; {more} more above threshold (see the scores)" if more > 0 else "")
