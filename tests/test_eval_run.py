@@ -218,11 +218,13 @@ def test_cli_command_runs_on_the_cache(env) -> None:
 
     app = typer.Typer()
     app.command()(eval_command)
-    args = [str(env.spec), "-m", f"probe0={env.models['probe0']}", "-m",
+    # the form: --models a=M1 b=M2 (the second value lands as a positional)
+    args = [str(env.spec), "--models", f"probe0={env.models['probe0']}",
             f"plain1={env.models['plain1']}", "--out", str(env.out), "--n-boot", "20",
             "--tasks", "zeroshot,retrieval", "--subgroup", "sex"]
     result = CliRunner().invoke(app, args, terminal_width=120)
     assert result.exit_code == 0, result.output
     assert "0-shot acc" in result.output and "report:" in result.output
+    assert "plain1" in result.output
     bad = CliRunner().invoke(app, [str(env.spec), "-m", "oops", "--out", str(env.out)])
     assert isinstance(bad.exception, ConfigError) and "name=path" in str(bad.exception)

@@ -84,10 +84,12 @@ def summary_table(metrics: dict[str, Any]) -> Table:
 
 def eval_command(
     spec: Path = typer.Argument(..., help="Dataset spec (YAML) with a split."),
-    models: list[str] = typer.Option(
-        ..., "--model", "-m",
-        help="name=path (hub id or folder); repeat for several models, the first is the "
-             "reference for paired differences."),
+    more: list[str] | None = typer.Argument(
+        None, metavar="[NAME=PATH]...", help="More models, as after --models."),
+    models: list[str] | None = typer.Option(
+        None, "--models", "--model", "-m",
+        help="name=path (hub id or folder): `--models base=M1 tuned=M2` or `-m base=M1 -m "
+             "tuned=M2`; the first is the reference for paired differences."),
     tasks: str = typer.Option(",".join(TASKS), help="Comma-separated tasks, or 'all'."),
     split: str = typer.Option("test", help="Split to evaluate (train / val / test)."),
     out: Path = typer.Option(Path("runs/eval"), help="Folder for metrics.json, the report "
@@ -102,7 +104,7 @@ def eval_command(
     and an HTML report (research metrics, not a diagnostic claim)."""
     from medsig.evaluate.run import evaluate
 
-    named = parse_models(models)
+    named = parse_models([*(models or []), *(more or [])])
     task_list = parse_tasks(tasks)
     if n_boot < 1:
         raise ConfigError(f"--n-boot must be >= 1, got {n_boot}")
