@@ -102,3 +102,21 @@ def test_zero_shot_predictor_from_a_spec(setup):
     assert np.allclose(probs[:, 1:].sum(1), 1, atol=1e-5)
     decisions = predictor.decide(probs[0])
     assert decisions[0]["decision"] in ("home care", "needs attention")
+
+
+def test_probe_predicts_from_embeddings_like_from_pixels(setup):
+    from medsig.data.collection import load_collection
+    from medsig.models.predictor import load_predictor
+
+    from medsig.train.probe import train_probe
+
+    root, spec, tiny = setup
+    folder = root / "logistic"
+    if not (folder / "medsig.json").exists():  # run alone (-k): train it here
+        train_probe(spec, tiny, folder)
+    predictor = load_predictor(folder)
+    assert predictor.uses_embeddings
+    pixels = _pixels(predictor, load_collection(spec).image_paths[:5])
+    direct = predictor.predict_pixels(pixels)
+    via = predictor.predict_embeddings(predictor.embed(pixels))
+    assert np.allclose(direct, via, atol=1e-5)

@@ -107,7 +107,9 @@ def compute_outputs(path: str, col: Collection, batch_size: int = 64, device: st
                                               texts=has_text)
     res = ModelOutputs(rows, image.astype(np.float32),
                        None if text is None else text.astype(np.float32))
-    if predictor is not None:
+    if predictor is not None and predictor.uses_embeddings:  # a probe: no second image pass
+        res.probs = predictor.predict_embeddings(res.image)
+    elif predictor is not None:
         res.probs = _predict(predictor, col, rows, batch_size, num_workers)
     if has_text:
         res.zeroshot, class_text = zeroshot_all(encoder, col.subset(rows), res.image)

@@ -59,9 +59,11 @@ class Predictor:
     """Probabilities per head for preprocessed pixels, plus image embeddings."""
 
     def __init__(self, name: str, version: str, meta: dict[str, Any], encoder: Encoder,
-                 heads: list[dict[str, Any]], forward: Any) -> None:
+                 heads: list[dict[str, Any]], forward: Any, from_embeddings: Any = None
+                 ) -> None:
         self.name, self.version, self.meta = name, version, meta
         self.encoder, self.heads, self._forward = encoder, heads, forward
+        self._from_embeddings = from_embeddings
         self.preprocess = encoder.preprocess
         self.image_size = encoder.image_size
         self.objective = str(meta.get("objective", "zeroshot"))
@@ -71,6 +73,19 @@ class Predictor:
         if len(pixels) == 0:
             return np.zeros((0, sum(int(h["size"]) for h in self.heads)), np.float32)
         return self._forward(pixels).float().cpu().numpy()
+
+    @property
+    def uses_embeddings(self) -> bool:
+        """True when predictions are a function of ``embed`` (probe, zero-shot)."""
+        return self._from_embeddings is not None
+
+    @torch.inference_mode()
+    def predict_embeddings(self, emb: Any) -> np.ndarray:
+        """Probabilities from image embeddings already computed with ``self.encoder``."""
+        if self._from_embeddings is None:
+            raise ConfigError(f"{self.objective} predictions need pixels, not embeddings")
+        x = torch.as_tensor(np.asarray(emb), dtype=torch.float32)
+        return self._from_embeddings(x).float().cpu().numpy()
 
     def embed(self, pixels: torch.Tensor) -> np.ndarray:
         """L2-normalised image embeddings (the encoder the predictions come from)."""
@@ -152,11 +167,13 @@ def _probe(folder: Path, device: str | None, meta: dict, name: str, version: str
     net = load_probe(folder, meta).to(encoder.device)
     heads = list(meta["heads"])
 
-    def forward(pixels: torch.Tensor) -> torch.Tensor:
-        emb = encoder.embed_images(pixels).to(encoder.device)
-        return head_probabilities(net(emb), heads)
+    def from_embeddings(emb: torch.Tensor) -> torch.Tensor:
+        return head_probabilities(net(emb.to(encoder.device)), heads)
 
-    return Predictor(name, version, meta, encoder, heads, forward)
+    def forward(pixels: torch.Tensor) -> torch.Tensor:
+        return from_embeddings(encoder.embed_images(pixels))
+
+    return Predictor(name, version, meta, encoder, heads, forward, from_embeddings)
 
 
 def _zeroshot(model: str, device: str | None, meta: dict, name: str, version: str,
@@ -197,11 +214,13 @@ def _zeroshot(model: str, device: str | None, meta: dict, name: str, version: st
     sigmoid = encoder.kind == "siglip"
     meta = {**meta, "objective": meta.get("objective", "zeroshot"), "prompts": prompts}
 
-    def forward(pixels: torch.Tensor) -> torch.Tensor:
-        emb = encoder.embed_images(pixels)
+    def from_embeddings(emb: torch.Tensor) -> torch.Tensor:
         parts = [head_outputs(h["kind"], class_probabilities(emb, class_emb[h["name"]],
                                                              h["kind"], scale, bias, sigmoid))
                  for h in heads]
         return torch.as_tensor(np.concatenate(parts, axis=1))
 
-    return Predictor(name, version, meta, encoder, heads, forward)
+    def forward(pixels: torch.Tensor) -> torch.Tensor:
+        return from_embeddings(encoder.embed_images(pixels))
+
+    return Predictor(name, version, meta, encoder, heads, forward, from_embeddings)
