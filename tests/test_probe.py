@@ -107,7 +107,6 @@ def test_zero_shot_predictor_from_a_spec(setup):
 def test_probe_predicts_from_embeddings_like_from_pixels(setup):
     from medsig.data.collection import load_collection
     from medsig.models.predictor import load_predictor
-
     from medsig.train.probe import train_probe
 
     root, spec, tiny = setup
