@@ -112,3 +112,33 @@ def test_device_selection():
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="CUDA"):
             select_device("cuda")
+
+
+def test_cached_hub_id_loads_from_the_snapshot_without_network(folders, tmp_path,
+                                                                 monkeypatch):
+    import shutil
+    import socket
+
+    import huggingface_hub.constants as hf_constants
+
+    from medsig.models.encoder import resolve_cached
+
+    # a hub id laid out in a Hugging Face cache, as `huggingface-cli download` leaves it
+    repo = tmp_path / "hub" / "models--medsig--tiny-test"
+    snapshot = repo / "snapshots" / "0123abcd"
+    shutil.copytree(folders["siglip"], snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert resolve_cached("medsig/tiny-test") == str(snapshot)
+    assert resolve_cached("medsig/not-cached") == "medsig/not-cached"
+    lookups: list[str] = []
+
+    def no_network(host, *args, **kwargs):
+        lookups.append(str(host))
+        raise OSError("network disabled in this test")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    enc = Encoder.load("medsig/tiny-test")
+    assert enc.name == "medsig/tiny-test" and enc.kind == "siglip"
+    assert lookups == []  # loaded from the snapshot: not one network lookup

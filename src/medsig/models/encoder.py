@@ -28,6 +28,23 @@ from medsig.models.device import inference_dtype, select_device
 _LOAD_ERRORS = (OSError, ValueError, KeyError, TypeError, ImportError, RuntimeError)
 
 
+def resolve_cached(name: str) -> str:
+    """The local snapshot folder of a hub id already in the Hugging Face cache, else ``name``.
+
+    Loading from the folder makes no network call at all (an air-gapped machine would
+    otherwise spend half a minute in retries before using the cache).
+    """
+    if Path(name).exists():
+        return name
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(repo_id=name, filename="config.json")
+    except Exception:  # noqa: BLE001 - an invalid repo id: let transformers say so
+        return name
+    return str(Path(cached).parent) if isinstance(cached, str) else name
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0][:200] if text else type(exc).__name__
@@ -54,12 +71,13 @@ class Encoder:
 
         name = str(name_or_path)
         device = select_device(device)
+        source = resolve_cached(name)
         from transformers.utils import logging as hf_logging
 
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # SigLIP's default sub-config warns about CLIP ids
         try:
-            config = AutoConfig.from_pretrained(name)
+            config = AutoConfig.from_pretrained(source)
         except _LOAD_ERRORS as exc:
             raise ConfigError(f"cannot load model '{name}': {_first_line(exc)}") from None
         finally:
@@ -76,12 +94,12 @@ class Encoder:
             if classifier:
                 from transformers import AutoModelForImageClassification
 
-                model = AutoModelForImageClassification.from_pretrained(name, dtype=dtype)
+                model = AutoModelForImageClassification.from_pretrained(source, dtype=dtype)
             else:
                 from transformers import AutoModel
 
-                model = AutoModel.from_pretrained(name, dtype=dtype)
-            image_processor = AutoImageProcessor.from_pretrained(name)
+                model = AutoModel.from_pretrained(source, dtype=dtype)
+            image_processor = AutoImageProcessor.from_pretrained(source)
         except _LOAD_ERRORS as exc:
             raise ConfigError(f"cannot load model '{name}': {_first_line(exc)}") from None
         has_text = hasattr(model, "get_text_features") and not classifier
@@ -90,7 +108,7 @@ class Encoder:
             from transformers import AutoTokenizer
 
             try:
-                tokenizer = AutoTokenizer.from_pretrained(name)
+                tokenizer = AutoTokenizer.from_pretrained(source)
             except _LOAD_ERRORS as exc:
                 raise ConfigError(f"model '{name}' has text features but its tokenizer does "
                                   f"not load: {_first_line(exc)}") from None
