@@ -19,6 +19,7 @@ from torch import Tensor
 
 from medsig.data.collection import Collection
 from medsig.errors import ConfigError
+from medsig.models.encoder import resolve_cached
 from medsig.train.adapt import adapt_model, export_model
 from medsig.train.config import TrainConfig
 from medsig.train.data import Batch, TrainData, step_batches
@@ -80,7 +81,7 @@ def load_classifier(name: str, heads: list[Head]) -> Any:
     hf_logging.set_verbosity_error()
     try:
         model, info = AutoModelForImageClassification.from_pretrained(
-            name, num_labels=len(outputs), id2label=dict(enumerate(outputs)),
+            resolve_cached(name), num_labels=len(outputs), id2label=dict(enumerate(outputs)),
             label2id={o: i for i, o in enumerate(outputs)}, ignore_mismatched_sizes=True,
             problem_type="multi_label_classification" if multi
             else "single_label_classification", output_loading_info=True)
@@ -120,7 +121,7 @@ class ClassifyObjective:
             raise ConfigError(f"eval.thresholds: {', '.join(unknown)} is not a trained label "
                               f"(labels: {', '.join(data.labels)})")
         try:
-            self.processor = AutoImageProcessor.from_pretrained(cfg.model)
+            self.processor = AutoImageProcessor.from_pretrained(resolve_cached(cfg.model))
         except (OSError, ValueError) as exc:
             raise ConfigError(f"no image processor for '{cfg.model}': "
                               f"{str(exc).splitlines()[0]}") from None
