@@ -111,7 +111,7 @@ class TrainConfig:
     seed: int = 0
     precision: str = "auto"
     device: str = "auto"
-    num_workers: int = 0
+    num_workers: int | None = 0  # loader processes per epoch; None: one per spare core (<= 4)
     preprocess: str = "pad"  # pad | processor
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -404,7 +404,7 @@ def validate(cfg: TrainConfig, where: str | None = None) -> None:
          "eval.save_every_steps must be >= 1 (or null)"),
         (e.best_mode in (None, "max", "min"), "eval.best_mode must be max or min"),
         (e.patience is None or e.patience >= 1, "eval.patience must be >= 1 (or null)"),
-        (cfg.num_workers >= 0, "num_workers must be >= 0"),
+        (cfg.num_workers is None or cfg.num_workers >= 0, "num_workers must be >= 0"),
         (cfg.contrastive.chunk_size is None or cfg.contrastive.chunk_size >= 1,
          "contrastive.chunk_size must be >= 1"),
         (cfg.contrastive.supcon_weight >= 0, "contrastive.supcon_weight must be >= 0"),

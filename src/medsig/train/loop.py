@@ -32,6 +32,7 @@ from medsig.train.data import (
     eval_batches,
     image_loader,
     load_train_data,
+    loader_workers,
     micro_batches,
     seed_of,
     spec_fingerprint,
@@ -234,13 +235,14 @@ def train(config: TrainConfig | dict | str | Path, *, overrides: list[str] | dic
     plain_ds = RowImages(data.train.image_paths, objective.preprocess)
     val_ds = RowImages(data.val.image_paths, objective.preprocess)
     eval_bs = max(cfg.optim.batch_size, 32)
+    workers = loader_workers(cfg.num_workers)
 
     def val_batches() -> Iterable[Batch]:
         return _count_skips(image_loader(val_ds, eval_batches(len(val_ds), eval_bs),
-                                         cfg.num_workers), state, "val")
+                                         workers), state, "val")
 
     def plain_train() -> Iterable[Batch]:
-        return image_loader(plain_ds, eval_batches(len(plain_ds), eval_bs), cfg.num_workers)
+        return image_loader(plain_ds, eval_batches(len(plain_ds), eval_bs), workers)
 
     metric, mode = cfg.metric, cfg.mode
 
@@ -291,7 +293,7 @@ def train(config: TrainConfig | dict | str | Path, *, overrides: list[str] | dic
             train_ds.epoch = epoch
             steps = [micro_batches(s, cfg.optim.batch_size) for s in plan[state["batch"]:]]
             loader = iter(_count_skips(image_loader(
-                train_ds, [m for ms in steps for m in ms], cfg.num_workers,
+                train_ds, [m for ms in steps for m in ms], workers,
                 seed_of(cfg.seed, "loader", epoch) % 2**63), state, "train"))
             bar = tqdm(total=len(plan), initial=state["batch"], desc=f"epoch {epoch + 1}/"
                        f"{epochs}", disable=not accelerator.is_main_process, leave=False)
