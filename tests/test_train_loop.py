@@ -30,9 +30,12 @@ def _weights(out: Path) -> dict[str, torch.Tensor]:
     return load_file(str(out / "model.safetensors"))
 
 
-def test_resume_ends_with_the_same_weights(wound: Path, tiny: Path, tmp_path: Path) -> None:
-    # augmentation and a random template per epoch: every random choice must be replayed
-    cfg = dict(optim={"epochs": 2, "batch_size": 32, "lr": 1e-3},
+@pytest.mark.parametrize("workers", [0, 1])
+def test_resume_ends_with_the_same_weights(wound: Path, tiny: Path, tmp_path: Path,
+                                           workers: int) -> None:
+    # augmentation and a random template per epoch: every random choice must be replayed,
+    # in the training process or in a loader process that lives for the whole run
+    cfg = dict(optim={"epochs": 2, "batch_size": 32, "lr": 1e-3}, num_workers=workers,
                data={"augment": True, "text": "templates"}, eval={"save_every_steps": 2})
     full = train(config(wound, tiny, tmp_path / "full", **cfg))
 

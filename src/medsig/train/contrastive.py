@@ -77,6 +77,7 @@ class ContrastiveObjective:
         self.val_pos = self._source(data.val)
         self.val_texts = data.val.texts()
         self.texts: list[str] = data.train.texts()
+        self._tokens: dict[str, Tensor] | None = None
 
     # -- helpers ---------------------------------------------------------------------------
     def _source(self, collection: Collection) -> tuple[str, np.ndarray] | None:
@@ -123,6 +124,20 @@ class ContrastiveObjective:
     # -- training --------------------------------------------------------------------------
     def begin_epoch(self, epoch: int) -> None:
         self.texts = epoch_texts(self.data.train, self.cfg, epoch)
+        # the epoch's texts tokenised once, in one call, instead of at every step
+        self._tokens = self.encoder.tokenize(self.texts) if self.texts else None
+
+    def tokens(self, rows: list[int]) -> dict[str, Tensor]:
+        """Token tensors of training rows (trimmed to the longest of them, for CLIP)."""
+        if self._tokens is None:
+            return self.encoder.tokenize([self.texts[r] for r in rows])
+        index = torch.as_tensor(rows, dtype=torch.long)
+        out = {k: v[index] for k, v in self._tokens.items()}
+        mask = out.get("attention_mask")
+        if mask is not None and self.encoder.kind != "siglip":
+            width = int(mask.sum(dim=1).max())
+            out = {k: v[:, :width] for k, v in out.items()}
+        return out
 
     def plan(self, epoch: int, pool: np.ndarray, step_size: int, seed: int,
              plain_train: Callable[[], Iterable[Batch]]) -> list[list[int]]:
@@ -163,8 +178,7 @@ class ContrastiveObjective:
         if self.cfg.optim.gradcache:
             pos_t = self._positives(all_rows, texts, self.train_pos, True)
             pos_i = self._positives(all_rows, texts, self.train_pos, False)
-            text_chunks = [self.encoder.tokenize([self.texts[r] for r in b.rows])
-                           for b in batches]
+            text_chunks = [self.tokens(b.rows) for b in batches]
             return gradcache_step(self.encode_images, self.encode_texts,
                                   [b.pixels for b in batches], text_chunks,
                                   lambda i, t: self.loss(i, t, pos_t, pos_i),
@@ -173,7 +187,7 @@ class ContrastiveObjective:
         for b in batches:
             bt = [self.texts[r] for r in b.rows]
             img = self.encode_images(b.pixels)
-            txt = self.encode_texts(self.encoder.tokenize(bt))
+            txt = self.encode_texts(self.tokens(b.rows))
             loss = self.loss(img, txt, self._positives(b.rows, bt, self.train_pos, True),
                              self._positives(b.rows, bt, self.train_pos, False))
             acc.backward(loss / len(batches))

@@ -9,14 +9,14 @@ from __future__ import annotations
 import hashlib
 import random
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from medsig.data.collection import Collection, load_collection
 from medsig.data.images import load_image
@@ -183,13 +183,15 @@ class RowImages(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, row: int) -> tuple[int, torch.Tensor | None, str | None]:
+    def __getitem__(self, key: int | tuple[int, int]
+                    ) -> tuple[int, torch.Tensor | None, str | None]:
+        epoch, row = key if isinstance(key, tuple) else (self.epoch, key)
         try:
             image = load_image(self.paths[row], draft_size=self.draft_size)
         except ImageError as exc:
             return row, None, exc.reason
         if self.augment is not None:
-            g = torch.Generator().manual_seed(seed_of(self.seed, "augment", self.epoch, row))
+            g = torch.Generator().manual_seed(seed_of(self.seed, "augment", epoch, row))
             image = self.augment(image, generator=g)
         return row, self.preprocess(image), None
 
@@ -201,12 +203,35 @@ def _collate(items: list[tuple[int, torch.Tensor | None, str | None]]) -> Batch:
     return Batch([r for r, _ in good], pixels, skipped)
 
 
-def image_loader(dataset: RowImages, batches: list[list[int]], num_workers: int,
-                 seed: int = 0) -> DataLoader:
-    """A loader over explicit index batches; its own generator keeps the global RNG intact."""
-    return DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
-                      collate_fn=_collate, generator=torch.Generator().manual_seed(seed),
-                      persistent_workers=False)
+class Plan(Sampler):
+    """A batch sampler whose batches are set before each pass (the loader is reused)."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[Any]] = []
+
+    def __iter__(self) -> Iterator[list[Any]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class PersistentLoader:
+    """One DataLoader for a whole run: its worker processes start once, not every epoch.
+
+    ``loader(batches)`` iterates over explicit index batches; an index may be
+    ``(epoch, row)`` so that a long-lived worker augments with the right epoch's seed.
+    """
+
+    def __init__(self, dataset: RowImages, num_workers: int, seed: int = 0) -> None:
+        self.plan = Plan()
+        self.loader = DataLoader(dataset, batch_sampler=self.plan, num_workers=num_workers,
+                                 collate_fn=_collate, persistent_workers=num_workers > 0,
+                                 generator=torch.Generator().manual_seed(seed))
+
+    def __call__(self, batches: list[list[Any]]) -> Iterator[Batch]:
+        self.plan.batches = [list(b) for b in batches]
+        return iter(self.loader)
 
 
 def loader_workers(configured: int | None) -> int:

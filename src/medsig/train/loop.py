@@ -26,11 +26,11 @@ from medsig.train import checkpoint as ckpt
 from medsig.train.config import TrainConfig, dump_config, load_config
 from medsig.train.data import (
     Batch,
+    PersistentLoader,
     RowImages,
     TrainData,
     epoch_pool,
     eval_batches,
-    image_loader,
     load_train_data,
     loader_workers,
     micro_batches,
@@ -236,13 +236,16 @@ def train(config: TrainConfig | dict | str | Path, *, overrides: list[str] | dic
     val_ds = RowImages(data.val.image_paths, objective.preprocess)
     eval_bs = max(cfg.optim.batch_size, 32)
     workers = loader_workers(cfg.num_workers)
+    # worker processes start once per run (not per epoch): persistent loaders
+    train_loader = PersistentLoader(train_ds, workers, seed_of(cfg.seed, "loader") % 2**63)
+    val_loader = PersistentLoader(val_ds, workers)
+    plain_loader = PersistentLoader(plain_ds, workers)
 
     def val_batches() -> Iterable[Batch]:
-        return _count_skips(image_loader(val_ds, eval_batches(len(val_ds), eval_bs),
-                                         workers), state, "val")
+        return _count_skips(val_loader(eval_batches(len(val_ds), eval_bs)), state, "val")
 
     def plain_train() -> Iterable[Batch]:
-        return image_loader(plain_ds, eval_batches(len(plain_ds), eval_bs), workers)
+        return plain_loader(eval_batches(len(plain_ds), eval_bs))
 
     metric, mode = cfg.metric, cfg.mode
 
@@ -292,9 +295,8 @@ def train(config: TrainConfig | dict | str | Path, *, overrides: list[str] | dic
             plan: list[list[int]] = state["plan"]
             train_ds.epoch = epoch
             steps = [micro_batches(s, cfg.optim.batch_size) for s in plan[state["batch"]:]]
-            loader = iter(_count_skips(image_loader(
-                train_ds, [m for ms in steps for m in ms], workers,
-                seed_of(cfg.seed, "loader", epoch) % 2**63), state, "train"))
+            loader = iter(_count_skips(train_loader(
+                [[(epoch, r) for r in m] for ms in steps for m in ms]), state, "train"))
             bar = tqdm(total=len(plan), initial=state["batch"], desc=f"epoch {epoch + 1}/"
                        f"{epochs}", disable=not accelerator.is_main_process, leave=False)
             try:
