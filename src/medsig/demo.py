@@ -133,7 +133,7 @@ def _train_models(steps: _Steps, spec: Path, base: Path, out: Path, seed: int,
     from medsig.train import train
     from medsig.train.probe import train_probe
 
-    common = {"spec": str(spec), "model": str(base), "seed": seed, "num_workers": 0}
+    common = {"spec": str(spec), "model": str(base), "seed": seed}
     contrastive = steps.run(
         "fine-tune: contrastive, multi-positive sigmoid", train,
         {**common, "out": str(out / "contrastive"), "objective": "contrastive",

@@ -111,7 +111,9 @@ class TrainConfig:
     seed: int = 0
     precision: str = "auto"
     device: str = "auto"
-    num_workers: int | None = 0  # loader processes per epoch; None: one per spare core (<= 4)
+    num_workers: int | None = None  # loader processes; None: 0 on <= 2 cores, else cores-1 (<= 4)
+    threads: int | None = None  # torch threads on CPU; None: the cores the loaders leave
+    prefetch: int = 2  # with num_workers 0: batches a background thread reads ahead (0: off)
     preprocess: str = "pad"  # pad | processor
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -405,6 +407,8 @@ def validate(cfg: TrainConfig, where: str | None = None) -> None:
         (e.best_mode in (None, "max", "min"), "eval.best_mode must be max or min"),
         (e.patience is None or e.patience >= 1, "eval.patience must be >= 1 (or null)"),
         (cfg.num_workers is None or cfg.num_workers >= 0, "num_workers must be >= 0"),
+        (cfg.threads is None or cfg.threads >= 1, "threads must be >= 1 (or null)"),
+        (cfg.prefetch >= 0, "prefetch must be >= 0"),
         (cfg.contrastive.chunk_size is None or cfg.contrastive.chunk_size >= 1,
          "contrastive.chunk_size must be >= 1"),
         (cfg.contrastive.supcon_weight >= 0, "contrastive.supcon_weight must be >= 0"),

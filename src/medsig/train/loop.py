@@ -37,6 +37,7 @@ from medsig.train.data import (
     seed_of,
     spec_fingerprint,
     split_fingerprint,
+    training_threads,
 )
 
 NO_DECAY = ("bias", "norm", "logit_scale", "logit_bias", "position_embedding", "probe")
@@ -182,6 +183,12 @@ def train(config: TrainConfig | dict | str | Path, *, overrides: list[str] | dic
         except ImportError:
             raise ConfigError("objective 'probe' is not available in this build") from None
         return train_probe(cfg)
+    with training_threads(cfg.threads, loader_workers(cfg.num_workers), cfg.device):
+        return _train(cfg, resume, callback)
+
+
+def _train(cfg: TrainConfig, resume: bool,
+           callback: Callable[[dict[str, Any]], None] | None) -> Path:
     started = time.perf_counter()
     out = Path(cfg.out)
     last, best = out / "checkpoints" / "last", out / "checkpoints" / "best"
@@ -237,9 +244,10 @@ def train(config: TrainConfig | dict | str | Path, *, overrides: list[str] | dic
     eval_bs = max(cfg.optim.batch_size, 32)
     workers = loader_workers(cfg.num_workers)
     # worker processes start once per run (not per epoch): persistent loaders
-    train_loader = PersistentLoader(train_ds, workers, seed_of(cfg.seed, "loader") % 2**63)
-    val_loader = PersistentLoader(val_ds, workers)
-    plain_loader = PersistentLoader(plain_ds, workers)
+    train_loader = PersistentLoader(train_ds, workers, seed_of(cfg.seed, "loader") % 2**63,
+                                    cfg.prefetch)
+    val_loader = PersistentLoader(val_ds, workers, prefetch=cfg.prefetch)
+    plain_loader = PersistentLoader(plain_ds, workers, prefetch=cfg.prefetch)
 
     def val_batches() -> Iterable[Batch]:
         return _count_skips(val_loader(eval_batches(len(val_ds), eval_bs)), state, "val")
@@ -335,6 +343,7 @@ def train(config: TrainConfig | dict | str | Path, *, overrides: list[str] | dic
                                   "lr": lr, "out": out})
             finally:
                 bar.close()
+                train_loader.stop()
             finished_epoch = state["batch"] >= len(plan)
             if finished_epoch:
                 state.update(epoch=epoch + 1, plan=None, batch=0)
@@ -350,11 +359,13 @@ def train(config: TrainConfig | dict | str | Path, *, overrides: list[str] | dic
         if state["last_metrics"] is None or state["history"][-1].get(metric) is None:
             run_eval(state["epoch"])
             save_last()
+        seconds = time.perf_counter() - started
+        return _finish(cfg, data, objective, accelerator, state, val_batches, best, out,
+                       seconds, total)
     finally:
         log.close()
-    seconds = time.perf_counter() - started
-    return _finish(cfg, data, objective, accelerator, state, val_batches, best, out, seconds,
-                   total)
+        for loader in (train_loader, val_loader, plain_loader):
+            loader.stop()
 
 
 def _count_skips(batches: Iterable[Batch], state: dict[str, Any], where: str
@@ -367,7 +378,7 @@ def _count_skips(batches: Iterable[Batch], state: dict[str, Any], where: str
 
 
 RESUME_MAY_CHANGE = ("optim.epochs", "optim.max_steps", "eval.patience", "num_workers",
-                     "device", "out", "eval.at_start")
+                     "threads", "prefetch", "device", "out", "eval.at_start")
 
 
 def _check_same_config(cfg: TrainConfig, saved: Path) -> None:
