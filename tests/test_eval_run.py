@@ -71,6 +71,8 @@ def test_every_task_for_both_trained_models(env) -> None:
     assert r["batchwise_text"]["batch_size"] == 32
     assert m["clustering"]["probe0"]["labels"]["category"]["nmi"] is not None
     assert m["leakage"]["n_leaked_groups"] == 0
+    dup = m["leakage"]["near_duplicates"]
+    assert dup["n_images"] == 240 and sum(dup["counts"].values()) == 0
     assert m["n_rows"] == len(pd.read_csv(env.spec.parent / "splits.csv").query("split == "
                                                                                  "'test'"))
 
@@ -182,6 +184,40 @@ def test_planted_leak_fails_loudly(env, tmp_path: Path) -> None:
         evaluate(data / "spec.yaml", {"a": env.models["plain1"]}, out=tmp_path / "out")
     assert "leakage" in str(info.value) and "\n" not in str(info.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_planted_near_duplicate_is_reported(env, tmp_path: Path) -> None:
+    """A train image re-saved (smaller, recompressed) as a test image of another case:
+    the group check cannot see it; the near-duplicate check names it."""
+    from PIL import Image
+
+    from medsig.data.collection import load_collection
+    from medsig.evaluate.cli import duplicate_warning
+
+    data = tmp_path / "data"
+    shutil.copytree(env.spec.parent, data)
+    col = load_collection(data / "spec.yaml")
+    split = np.asarray(col.split)
+    src, dst = np.nonzero(split == "train")[0][0], np.nonzero(split == "test")[0][0]
+    assert col.groups[src] != col.groups[dst]
+    image = Image.open(col.image_paths[src]).convert("RGB")
+    image.resize((image.width * 3 // 4, image.height * 3 // 4)).save(
+        col.image_paths[dst], "JPEG", quality=80)
+    m = evaluate(data / "spec.yaml", {"a": env.models["plain1"]}, out=tmp_path / "out",
+                 tasks=("clustering",), n_boot=10, num_workers=0)
+    dup = m["leakage"]["near_duplicates"]
+    assert dup["counts"]["train/test"] == 1 and dup["other_group"]["train/test"] == 1
+    assert dup["examples"] == [{"id": str(col.ids[dst]), "split": "test",
+                                "duplicate_of": str(col.ids[src]),
+                                "split_of_duplicate": "train", "cosine": pytest.approx(1, abs=0.01),
+                                "same_group": False}]
+    assert "train/test: 1" in duplicate_warning(m)
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert str(col.ids[dst]) in md and "escaped the group check" in md
+    # skipped on request
+    m = evaluate(data / "spec.yaml", {"a": env.models["plain1"]}, tasks=("clustering",),
+                 n_boot=10, num_workers=0, duplicates=None)
+    assert "near_duplicates" not in m["leakage"] and duplicate_warning(m) is None
 
 
 @pytest.mark.parametrize("kwargs, message", [

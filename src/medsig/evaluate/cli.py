@@ -82,6 +82,19 @@ def summary_table(metrics: dict[str, Any]) -> Table:
     return table
 
 
+def duplicate_warning(metrics: dict) -> str | None:
+    """One line when images of the evaluated split have a near-duplicate in another split."""
+    dup = (metrics.get("leakage") or {}).get("near_duplicates") or {}
+    split = metrics.get("split")
+    pairs = {k: v for k, v in (dup.get("counts") or {}).items() if v and split in k.split("/")}
+    if not pairs:
+        return None
+    other = sum((dup.get("other_group") or {}).get(k, 0) for k in pairs)
+    shown = ", ".join(f"{k}: {v}" for k, v in pairs.items())
+    return (f"near-duplicate images across splits ({shown}; {other} in another group, "
+            f"missed by the group check) - see 'Split leakage' in the report")
+
+
 def eval_command(
     spec: Path = typer.Argument(..., help="Dataset spec (YAML) with a split."),
     more: list[str] | None = typer.Argument(
@@ -99,6 +112,9 @@ def eval_command(
         None, "--subgroup", "-s", help="Metadata column for subgroup tables; repeatable."),
     batch_size: int = typer.Option(64, help="Images per batch."),
     device: str | None = typer.Option(None, help="cuda | mps | cpu (default: best available)."),
+    duplicates: float = typer.Option(
+        0.99, help="Cosine threshold of the near-duplicate image check across splits "
+                   "(model-free signatures); 0 skips the check."),
 ) -> None:
     """Evaluate models on a split: metrics with group-bootstrap CIs, paired differences
     and an HTML report (research metrics, not a diagnostic claim)."""
@@ -110,9 +126,15 @@ def eval_command(
         raise ConfigError(f"--n-boot must be >= 1, got {n_boot}")
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
+    if not 0 <= duplicates <= 1:
+        raise ConfigError(f"--duplicates must be in [0, 1] (0: skip), got {duplicates}")
     metrics = evaluate(spec, named, task_list, split=split, out=out, batch_size=batch_size,
-                       n_boot=n_boot, subgroups=subgroups or None, device=device)
+                       n_boot=n_boot, subgroups=subgroups or None, device=device,
+                       duplicates=duplicates or None)
     console = Console()
+    warning = duplicate_warning(metrics)
+    if warning:
+        console.print(f"[bold yellow]warning:[/] {warning}", highlight=False)
     console.print(summary_table(metrics))
     console.print("(95% group-bootstrap CIs; n.s. = the paired difference with the first "
                   "model is not significant)", highlight=False)

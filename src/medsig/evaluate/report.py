@@ -295,6 +295,37 @@ def subgroup_section(metrics: dict[str, Any]) -> list[Block]:
     return blocks
 
 
+def leakage_section(metrics: dict[str, Any]) -> list[Block]:
+    leak = metrics.get("leakage") or {}
+    blocks: list[Block] = [
+        ("h", 2, "Split leakage"),
+        ("p", f"{leak.get('n_leaked_groups', '?')} groups appear in more than one split "
+              f"({leak.get('n_groups', '?')} groups, {leak.get('n_rows', '?')} rows).")]
+    dup = leak.get("near_duplicates")
+    if not dup:
+        return blocks + [("p", "Near-duplicate images across splits: not checked.")]
+    counts, other = dup.get("counts") or {}, dup.get("other_group") or {}
+    found = sum(counts.values())
+    skipped = sum((dup.get("skipped") or {}).values())
+    text = (f"Near-duplicate images across splits (model-free 16x16 signatures, cosine >= "
+            f"{dup.get('threshold')}; {dup.get('n_images')} images compared"
+            + (f", {skipped} unreadable" if skipped else "") + "): ")
+    if not found:
+        return blocks + [("p", text + "none found.")]
+    blocks.append(("p", text + f"{found} image(s) have a near-duplicate in an earlier split; "
+                   "those in another group escaped the group check (check the group column "
+                   "or remove them before trusting the metrics)."))
+    blocks.append(("table", ["splits", "images with a near-duplicate", "in another group"],
+                   [[k, v, other.get(k, 0)] for k, v in counts.items()]))
+    ex = dup.get("examples") or []
+    if ex:
+        blocks.append(("table", ["image", "split", "near-duplicate of", "its split", "cosine",
+                                 "same group"],
+                       [[e["id"], e["split"], e["duplicate_of"], e["split_of_duplicate"],
+                         fmt(e["cosine"]), "yes" if e["same_group"] else "no"] for e in ex]))
+    return blocks
+
+
 def build_blocks(metrics: dict[str, Any], figures: bool = True) -> list[Block]:
     """The whole report as blocks."""
     spec = metrics.get("spec") or {}
@@ -321,10 +352,7 @@ def build_blocks(metrics: dict[str, Any], figures: bool = True) -> list[Block]:
     if "retrieval" in metrics:
         blocks += retrieval_section(metrics)
     blocks += subgroup_section(metrics)
-    leak = metrics.get("leakage") or {}
-    blocks += [("h", 2, "Split leakage"),
-               ("p", f"{leak.get('n_leaked_groups', '?')} groups appear in more than one split "
-                     f"({leak.get('n_groups', '?')} groups, {leak.get('n_rows', '?')} rows).")]
+    blocks += leakage_section(metrics)
     if figures:
         figs = roc_figures(metrics) + recall_figure(metrics) + reliability_figures(metrics) \
             + tsne_figure(metrics)

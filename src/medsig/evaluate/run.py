@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from medsig.data.collection import Collection, load_collection
+from medsig.data.duplicates import DEFAULT_THRESHOLD, cross_split_duplicates
 from medsig.errors import ConfigError, DataError
 from medsig.evaluate.bootstrap import bootstrap_ci, paired_bootstrap
 from medsig.evaluate.classification import nanmean
@@ -362,11 +363,13 @@ def evaluate(spec: str | Path, models: dict[str, str], tasks: Sequence[str] = TA
              split: str = "test", out: str | Path | None = None, batch_size: int = 64,
              n_boot: int = 1000, subgroups: Sequence[str] | None = None,
              batchwise_size: int = 32, seed: int = 0, device: str | None = None,
-             num_workers: int | None = None, report: bool = True) -> dict[str, Any]:
+             num_workers: int | None = None, report: bool = True,
+             duplicates: float | None = DEFAULT_THRESHOLD) -> dict[str, Any]:
     """Evaluate ``models`` ({name: path or hub id}) on ``split``; the JSON-safe metrics dict.
 
     With ``out``: writes out/metrics.json, the report (report.md / report.html) and caches
-    model outputs in out/cache/<name>.npz.
+    model outputs in out/cache/<name>.npz. ``duplicates``: the cosine threshold of the
+    near-duplicate check across splits (``medsig.data.duplicates``; None: skipped).
     """
     started = time.perf_counter()
     tasks = list(tasks)
@@ -379,6 +382,10 @@ def evaluate(spec: str | Path, models: dict[str, str], tasks: Sequence[str] = TA
     _check(models, tasks, col, list(subgroups or []))
     out_dir = Path(out) if out is not None else None
     cache = out_dir / "cache" if out_dir is not None else None
+    if duplicates is not None:
+        leakage["near_duplicates"] = cross_split_duplicates(
+            full.image_paths, full.groups, full.split, full.ids, duplicates,
+            cache / "signatures.npz" if cache is not None else None, num_workers)
     outputs = {m: model_outputs(m, str(p), col, cache, batch_size, device, num_workers)
                for m, p in models.items()}
     common = sorted(set.intersection(*(set(o.rows.tolist()) for o in outputs.values())))
