@@ -105,3 +105,50 @@ def test_oversampling_touches_train_only(tmp_path):
             assert after[name] >= n
     with pytest.raises(Exception, match="no label named"):
         oversample_indices(col, "nope")
+
+
+def test_rows_linked_by_near_duplicates_share_a_split(tmp_path):
+    col = _make(tmp_path)
+    groups = col.groups.astype(str)
+    # five pairs of rows from different cases, chained through one case
+    rows = [int(np.nonzero(groups == f"k{c}")[0][0]) for c in range(0, 60, 6)]
+    together = np.array([[rows[0], rows[1]], [rows[1], rows[2]], [rows[3], rows[4]],
+                         [rows[5], rows[6]], [rows[7], rows[8]]])
+    for seed in range(5):
+        res = split_collection(col, seed=seed, together=together)
+        for a, b in together:
+            assert res.split[a] == res.split[b]
+            # whole groups move together: every image of both cases is in that split
+            both = np.isin(groups, [groups[a], groups[b]])
+            assert set(res.split[both]) == {res.split[a]}
+        for g in set(groups):
+            assert len(set(res.split[groups == g])) == 1
+
+
+def test_split_command_keeps_a_planted_near_duplicate_in_one_split(tmp_path):
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from medsig.cli import app
+    from medsig.data.synth import synthesize
+
+    spec = synthesize("derm", tmp_path / "d", n=120, seed=0, image_size=48)
+    col = load_collection(spec)
+    groups = col.groups.astype(str)
+    src = 0
+    dst = int(np.nonzero(groups != groups[src])[0][0])
+    Image.open(col.image_paths[src]).convert("RGB").resize((40, 40)).save(
+        col.image_paths[dst], "JPEG", quality=85)
+    out = CliRunner().invoke(app, ["data", "split", str(spec), "--seed", "1"],
+                             terminal_width=200)
+    assert out.exit_code == 0, out.output
+    assert "1 near-duplicate image pair(s) in different groups" in out.output
+    pairs = pd.read_csv(spec.parent / "near_duplicates.csv")
+    assert pairs[["id", "duplicate_id"]].values.tolist() == [[str(col.ids[src]),
+                                                              str(col.ids[dst])]]
+    splits = pd.read_csv(spec.parent / "splits.csv").set_index("id")["split"]
+    assert splits[str(col.ids[src])] == splits[str(col.ids[dst])]
+    # --duplicates 0: no check, and no stale list from the run before
+    out = CliRunner().invoke(app, ["data", "split", str(spec), "--duplicates", "0", "--force"])
+    assert out.exit_code == 0, out.output
+    assert not (spec.parent / "near_duplicates.csv").exists()

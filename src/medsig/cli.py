@@ -76,6 +76,9 @@ def data_split(
                                                   "spec's folder)."),
     update_spec: bool = typer.Option(True, help="Point the spec at the new splits.csv."),
     force: bool = typer.Option(False, help="Split even if the spec names a split column."),
+    duplicates: float = typer.Option(
+        0.99, help="Keep near-duplicate images of different groups in one split (cosine "
+                   "of model-free image signatures >= this; 0: no check)."),
 ) -> None:
     """Assign train/val/test by group, stratified over all labels; write the assignment."""
     from medsig.data.collection import load_collection
@@ -91,8 +94,16 @@ def data_split(
     except ValueError:
         raise ConfigError(f"--ratios '{ratios}': expected three numbers like 0.7,0.15,0.15"
                           ) from None
-    result = split_collection(collection, parts, seed=seed)  # type: ignore[arg-type]
+    if not 0 <= duplicates <= 1:
+        raise ConfigError(f"--duplicates must be in [0, 1] (0: no check), got {duplicates}")
+    together = None
     out_dir = out or spec.resolve().parent
+    if duplicates:
+        together = _near_duplicates(collection, duplicates, out_dir)
+    else:
+        (out_dir / "near_duplicates.csv").unlink(missing_ok=True)  # not this split's
+    result = split_collection(collection, parts, seed=seed,  # type: ignore[arg-type]
+                              together=together)
     splits_path, report_path = write_split(collection, result, out_dir)
     if update_spec:
         rel = Path(_relpath(splits_path, spec.resolve().parent))
@@ -100,6 +111,33 @@ def data_split(
     counts = result.counts()
     console.print(f"split (seed {seed}): " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     console.print(f"wrote {splits_path} and {report_path}")
+
+
+def _near_duplicates(collection, threshold: float, out_dir: Path):
+    """Row pairs of near-duplicate images in different groups (kept in one split), listed
+    in near_duplicates.csv and on the console."""
+    from medsig.data.duplicates import duplicate_table, pairs_of
+
+    table, skipped = duplicate_table(collection, threshold)
+    file = out_dir / "near_duplicates.csv"
+    unread = f" ({sum(skipped.values())} unreadable images not checked)" if skipped else ""
+    if table.empty:
+        file.unlink(missing_ok=True)
+        console.print(f"near-duplicate images in different groups (cosine >= {threshold}): "
+                      f"none{unread}", highlight=False)
+        return None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_suffix(".csv.tmp")
+    table.drop(columns=["row", "duplicate_row"]).to_csv(tmp, index=False)
+    tmp.replace(file)
+    first = table.iloc[0]
+    joined = len(set(table["group"]) | set(table["duplicate_group"]))
+    console.print(f"[yellow]warning:[/] {len(table)} near-duplicate image pair(s) in different "
+                  f"groups (cosine >= {threshold}), e.g. '{first['id']}' ({first['group']}) ~ "
+                  f"'{first['duplicate_id']}' ({first['duplicate_group']}): their {joined} "
+                  f"groups are kept in one split; all pairs in {file}{unread}",
+                  highlight=False)
+    return pairs_of(table)
 
 
 def _relpath(path: Path, start: Path) -> str:

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from PIL import Image, ImageOps
 
@@ -136,3 +137,56 @@ def cross_split_duplicates(paths: Sequence[Path], groups: Sequence, split: Seque
                                     "cosine": round(float(ex["cosine"]), 4),
                                     "same_group": not other})
     return out
+
+
+def duplicate_pairs(sig: np.ndarray, threshold: float = DEFAULT_THRESHOLD,
+                    chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """(m, 2) index pairs i < j of signatures with cosine >= ``threshold`` and their
+    cosines (chunked, so memory grows with chunk x n)."""
+    x = torch.from_numpy(np.ascontiguousarray(sig, dtype=np.float32))
+    pairs, cos = [], []
+    for c0 in range(0, len(x), chunk):
+        s = x[c0:c0 + chunk] @ x.T
+        i, j = torch.nonzero(s >= threshold, as_tuple=True)
+        keep = i + c0 < j
+        i, j = i[keep], j[keep]
+        pairs.append(torch.stack([i + c0, j], dim=1))
+        cos.append(s[i, j])
+    if not pairs:
+        return np.zeros((0, 2), np.int64), np.zeros(0, np.float32)
+    return torch.cat(pairs).numpy(), torch.cat(cos).numpy()
+
+
+def cross_group_duplicates(paths: Sequence[Path], groups: Sequence,
+                           threshold: float = DEFAULT_THRESHOLD,
+                           cache_file: Path | None = None, num_workers: int | None = None
+                           ) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+    """Row pairs (m, 2) of near-duplicate images in different groups, their cosines, and
+    the skipped (unreadable) image counts by reason."""
+    rows, sig, skipped = cached_signatures(paths, cache_file, num_workers)
+    ok = np.linalg.norm(sig, axis=1) > 0.5 if len(sig) else np.zeros(0, bool)
+    rows, sig = rows[ok], sig[ok]
+    idx, cos = duplicate_pairs(sig, threshold)
+    pairs = rows[idx] if len(idx) else np.zeros((0, 2), np.int64)
+    g = np.asarray(groups, dtype=object).astype(str)
+    other = g[pairs[:, 0]] != g[pairs[:, 1]]
+    return pairs[other], cos[other], skipped
+
+
+def duplicate_table(collection, threshold: float = DEFAULT_THRESHOLD,
+                    num_workers: int | None = None) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Near-duplicate image pairs of a collection in different groups, one row per pair
+    (row numbers, ids, groups, cosine), and the skipped image counts; ``pairs_of(table)``
+    gives the row pairs ``split_collection(together=...)`` takes."""
+    pairs, cos, skipped = cross_group_duplicates(collection.image_paths, collection.groups,
+                                                 threshold, num_workers=num_workers)
+    ids, groups = np.asarray(collection.ids).astype(str), collection.groups.astype(str)
+    a, b = pairs[:, 0], pairs[:, 1]
+    table = pd.DataFrame({"row": a, "id": ids[a], "group": groups[a], "duplicate_row": b,
+                          "duplicate_id": ids[b], "duplicate_group": groups[b],
+                          "cosine": np.round(cos.astype(float), 4)})
+    return table, skipped
+
+
+def pairs_of(table: pd.DataFrame) -> np.ndarray:
+    return table[["row", "duplicate_row"]].to_numpy(dtype=np.int64)

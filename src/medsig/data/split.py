@@ -33,14 +33,22 @@ def split_collection(
     ratios: tuple[float, float, float] = (0.7, 0.15, 0.15),
     seed: int = 0,
     min_groups: int = 3,
+    together: np.ndarray | None = None,
 ) -> SplitResult:
-    """Assign train / val / test to every row, by group, stratified over every label."""
+    """Assign train / val / test to every row, by group, stratified over every label.
+
+    ``together``: (m, 2) row pairs that must land in the same split even though their
+    groups differ (near-duplicate images, ``medsig.data.duplicates``): their groups are
+    split as one unit.
+    """
     ratios_arr = np.asarray(ratios, dtype=np.float64)
     if ratios_arr.shape != (3,) or (ratios_arr < 0).any() or ratios_arr.sum() <= 0:
         raise ConfigError(f"split ratios must be three non-negative numbers, got {ratios}")
     ratios_arr = ratios_arr / ratios_arr.sum()
     group_ids, inverse = np.unique(collection.groups.astype(str), return_inverse=True)
-    n_groups = len(group_ids)
+    if together is not None and len(together):
+        inverse = _merge_units(inverse, np.asarray(together, dtype=np.int64))
+    n_groups = int(inverse.max()) + 1 if len(inverse) else 0
     if n_groups < 3:
         raise DataError(f"only {n_groups} group(s): cannot make three splits by group",
                         file=collection.spec.path)
@@ -53,6 +61,24 @@ def split_collection(
     assign = _ensure_presence(assign, group_y > 0, ratios_arr, min_groups)
     split = np.array([SPLITS[k] for k in assign[inverse]], dtype=object)
     return SplitResult(split, seed, tuple(float(r) for r in ratios_arr))
+
+
+def _merge_units(inverse: np.ndarray, pairs: np.ndarray) -> np.ndarray:
+    """Unit index per row after joining the groups of every pair (union-find), 0..k-1."""
+    parent = np.arange(int(inverse.max()) + 1)
+
+    def root(a: int) -> int:
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = int(parent[a])
+        return a
+
+    for r1, r2 in pairs.tolist():
+        a, b = root(int(inverse[r1])), root(int(inverse[r2]))
+        if a != b:
+            parent[max(a, b)] = min(a, b)
+    roots = np.array([root(a) for a in range(len(parent))])
+    return np.unique(roots, return_inverse=True)[1][inverse]
 
 
 def _iterative_stratification(y: np.ndarray, sizes: np.ndarray, ratios: np.ndarray,
