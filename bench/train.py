@@ -146,6 +146,18 @@ def config(args: argparse.Namespace, env: dict[str, Any], out: Path, **sections:
     return cfg
 
 
+def train_and_test(args: argparse.Namespace, env: dict[str, Any], work: Path, name: str,
+                   over: dict[str, Any], texts: list[str]) -> dict[str, Any]:
+    """A timed training run with test metrics of its best (folder) and last checkpoints."""
+    run = timed_train(config(args, env, work / "runs" / name, **over),
+                      work / "logs" / f"{name}.log")
+    run["test"] = test_metrics(run["out"], env, texts, args.seed)
+    run["test_last"] = test_metrics(run["out"], env, texts, args.seed,
+                                    Path(run["out"]) / "checkpoints" / "last"
+                                    / "trainable.safetensors")
+    return run
+
+
 def timed_train(cfg: dict[str, Any], log: Path) -> dict[str, Any]:
     """Train; the time between consecutive optimizer steps (callback) gives the step time."""
     from medsig.train import train
@@ -278,13 +290,7 @@ def exp_losses(args: argparse.Namespace, env: dict[str, Any], work: Path) -> dic
     for name, over in LOSS_RUNS.items():
         if args.quick and name == "mp_sigmoid_coarse":
             continue
-        run = timed_train(config(args, env, work / "runs" / name, **over),
-                          work / "logs" / f"{name}.log")
-        run["test"] = test_metrics(run["out"], env, texts, args.seed)
-        run["test_last"] = test_metrics(run["out"], env, texts, args.seed,
-                                        Path(run["out"]) / "checkpoints" / "last"
-                                        / "trainable.safetensors")
-        runs[name] = run
+        runs[name] = run = train_and_test(args, env, work, name, over, texts)
         say(f"  trained {name}: {run['steps']} steps in {run['wall_s']:.1f} s (best val R@1 "
             f"at step {run['metrics']['val']['step']})")
     res["runs"] = runs
@@ -426,13 +432,7 @@ def exp_accum(args: argparse.Namespace, env: dict[str, Any], work: Path,
     if ref is not None:
         runs["plain_1x32"] = ref
     for name, over in variants.items():
-        run = timed_train(config(args, env, work / "runs" / name, **over),
-                          work / "logs" / f"{name}.log")
-        run["test"] = test_metrics(run["out"], env, texts, args.seed)
-        run["test_last"] = test_metrics(run["out"], env, texts, args.seed,
-                                        Path(run["out"]) / "checkpoints" / "last"
-                                        / "trainable.safetensors")
-        runs[name] = run
+        runs[name] = run = train_and_test(args, env, work, name, over, texts)
         say(f"  trained {name}: {run['steps']} steps in {run['wall_s']:.1f} s")
     seen = {"plain_1x32": (1, 32), "naive_4x8": (4, 8), "gradcache_4x8": (1, 32)}
     say(f"{'run':<15}{'loss blocks':>12}{'neg/img':>8}{'best val':>9}{'last val':>9}"

@@ -2,39 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import pytest
-
+from tests.browser import browser, severe_logs
 from tests.test_eval_run import eval_env
-
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
-
-
-def _browser():
-    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
-        pytest.skip("Chromium is absent (/usr/bin/chromium, /usr/bin/chromedriver): "
-                    "run scripts/ensure-chromium.sh to enable the report page test")
-    webdriver = pytest.importorskip("selenium.webdriver")
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run",
-                 "--disable-dev-shm-usage", "--window-size=1300,1400"):
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    return webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
-
-
-def _severe(driver) -> list[str]:
-    try:
-        logs = driver.get_log("browser")
-    except Exception:  # noqa: BLE001 - drivers without the log endpoint
-        return []
-    return [e["message"] for e in logs if e["level"] == "SEVERE"]
 
 
 def test_report_page_renders_every_figure(tmp_path_factory) -> None:
@@ -42,7 +11,7 @@ def test_report_page_renders_every_figure(tmp_path_factory) -> None:
 
     env = eval_env(tmp_path_factory)
     page = (env.out / "report.html").resolve()
-    driver = _browser()
+    driver = browser()
     try:
         driver.get(page.as_uri())
         assert "medsig evaluation" in driver.title
@@ -59,6 +28,6 @@ def test_report_page_renders_every_figure(tmp_path_factory) -> None:
             "return performance.getEntriesByType('resource').map(r => r.name)")
         assert all(r.startswith("data:") for r in resources), resources  # nothing fetched
         driver.save_screenshot(str(env.out / "report-page.png"))
-        assert _severe(driver) == []
+        assert severe_logs(driver) == []
     finally:
         driver.quit()

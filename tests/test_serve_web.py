@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import shutil
 import time
-from pathlib import Path
 
 import pytest
 
 from medsig.serve import ServeSettings, create_app
+from tests.browser import browser, severe_logs
 from tests.test_serve import LiveServer, serve_env
-
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
 
 
 @pytest.fixture(scope="module")
@@ -76,23 +73,6 @@ def test_schema_generated_requests_never_get_a_server_error(server) -> None:
 
 
 # -- the web page ----------------------------------------------------------------------------
-def _browser():
-    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
-        pytest.skip("Chromium is absent (/usr/bin/chromium, /usr/bin/chromedriver): "
-                    "run scripts/ensure-chromium.sh to enable the web page tests")
-    webdriver = pytest.importorskip("selenium.webdriver")
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run",
-                 "--disable-dev-shm-usage", "--window-size=1100,1400"):
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    return webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
-
-
 def _wait(driver, css: str, count: int = 1, timeout: float = 30):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
@@ -102,17 +82,13 @@ def _wait(driver, css: str, count: int = 1, timeout: float = 30):
         and found)
 
 
-def _severe(driver) -> list[str]:
-    return [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
-
-
 def test_web_page_shows_scores_summary_and_similar_cases(server, tmp_path) -> None:
     from selenium.webdriver.common.by import By
 
     env = server.env
     photo = tmp_path / "upload.jpg"
     shutil.copy(env.images[3], photo)
-    driver = _browser()
+    driver = browser("1100,1400")
     try:
         driver.get(server.url + "/")
         _wait(driver, "#status")
@@ -133,7 +109,7 @@ def test_web_page_shows_scores_summary_and_similar_cases(server, tmp_path) -> No
         assert "urgency" in cases[0].text
         time.sleep(0.3)
         driver.save_screenshot("/tmp/medsig-serve-page.png")
-        assert _severe(driver) == []
+        assert severe_logs(driver) == []
     finally:
         driver.quit()
 
@@ -144,7 +120,7 @@ def test_web_page_with_an_api_key(keyed_server, tmp_path) -> None:
     env = keyed_server.env
     photo = tmp_path / "upload.png"
     shutil.copy(env.images[4], photo)
-    driver = _browser()
+    driver = browser("1100,1400")
     try:
         driver.get(keyed_server.url + "/")
         _wait(driver, "#model")
@@ -157,6 +133,6 @@ def test_web_page_with_an_api_key(keyed_server, tmp_path) -> None:
         driver.find_element(By.ID, "file").send_keys(str(photo))
         _wait(driver, "#labels .label", count=len(env.meta["heads"]))
         _wait(driver, "#similar .case img[src^='blob:']", count=8)
-        assert _severe(driver) == []
+        assert severe_logs(driver) == []
     finally:
         driver.quit()

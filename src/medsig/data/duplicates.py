@@ -111,7 +111,7 @@ def cross_split_duplicates(paths: Sequence[Path], groups: Sequence, split: Seque
 
     rows, sig, skipped = cached_signatures(paths, cache_file, num_workers)
     split_arr = np.asarray(split, dtype=object)
-    keep = np.array([bool(np.linalg.norm(s) > 0.5) for s in sig], dtype=bool)
+    keep = np.linalg.norm(sig, axis=1) > 0.5  # flat images have no signature
     keep &= np.array([x is not None and x == x and str(x) != "" for x in split_arr[rows]],
                      dtype=bool)
     rows, sig = rows[keep], sig[keep]

@@ -67,9 +67,9 @@ def read_batches(
 
 
 def default_workers() -> int:
-    import os
+    from medsig.models.device import available_cores
 
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    n = available_cores()
     # every core: decoding is the bottleneck for small models, and a large model's forward
     # leaves workers idle most of the time (measured in bench/embed.py)
-    return max(1, min(8, n or 1))
+    return min(8, n)

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from medsig.models import heads
 from medsig.serve.schemas import ClassScore, HeadInfo, LabelResult
 
 MAX_LISTED = 5  # multilabel findings named in the summary; the rest are counted
@@ -16,31 +16,8 @@ CAVEAT = ("Note: automated image analysis for decision support only; this is not
           "diagnosis and must be reviewed by a clinician.")
 
 
-@dataclass(frozen=True)
-class Head:
-    """One output head as written in medsig.json (see docs/architecture.md)."""
-
-    name: str
-    kind: str
-    classes: list[str]
-    offset: int
-    size: int
-    thresholds: list[float]
-    threshold_rule: str | None = None
-
-    @classmethod
-    def of(cls, head: Any) -> Head:
-        """From a medsig.json dict or any object with the same attributes."""
-        get = head.get if isinstance(head, dict) else lambda k, d=None: getattr(head, k, d)
-        classes = [str(c) for c in get("classes") or []]
-        kind = str(get("kind"))
-        size = int(get("size") if get("size") is not None else
-                   (1 if kind == "binary" else len(classes)))
-        thresholds = [float(t) for t in get("thresholds") or []]
-        if kind != "multiclass" and not thresholds:
-            thresholds = [0.5] * size
-        return cls(str(get("name")), kind, classes, int(get("offset") or 0), size, thresholds,
-                   get("threshold_rule"))
+class Head(heads.Head):
+    """A head as served: ``medsig.models.heads.Head`` with its /v1/labels description."""
 
     def info(self) -> HeadInfo:
         return HeadInfo(name=self.name, kind=self.kind, classes=self.classes,  # type: ignore

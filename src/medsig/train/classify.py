@@ -8,7 +8,6 @@ split; MISSING (-1) contributes nothing), multiclass C (cross-entropy, ignore_in
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,29 +19,11 @@ from torch import Tensor
 from medsig.data.collection import Collection
 from medsig.errors import ConfigError
 from medsig.models.encoder import resolve_cached
+from medsig.models.heads import Head
 from medsig.train.adapt import adapt_model, export_model
 from medsig.train.config import TrainConfig
 from medsig.train.data import Batch, TrainData, step_batches
 from medsig.train.losses import masked_bce_loss, pos_weight_from_targets
-
-
-@dataclass
-class Head:
-    name: str
-    kind: str
-    classes: list[str]
-    offset: int
-    size: int
-
-    @property
-    def outputs(self) -> list[str]:
-        """Readable name of each output ('<label>:<class>')."""
-        names = [self.classes[1]] if self.kind == "binary" else self.classes
-        return [f"{self.name}:{c}" for c in names]
-
-    @property
-    def cols(self) -> slice:
-        return slice(self.offset, self.offset + self.size)
 
 
 def build_heads(collection: Collection, labels: list[str]) -> list[Head]:
@@ -236,9 +217,8 @@ class ClassifyObjective:
         rule_cfg = self.cfg.eval.thresholds
         heads = []
         for h in self.heads:
-            entry: dict[str, Any] = {"name": h.name, "kind": h.kind, "classes": h.classes,
-                                     "offset": h.offset, "size": h.size,
-                                     "thresholds": [], "threshold_rule": "argmax"}
+            entry: dict[str, Any] = {**h.to_dict(), "thresholds": [],
+                                     "threshold_rule": "argmax"}
             if h.kind != "multiclass":
                 sens = rule_cfg.get(h.name) if isinstance(rule_cfg, dict) else None
                 entry["threshold_rule"] = f"sensitivity>={sens}" if sens else "youden"

@@ -26,6 +26,7 @@ from medsig.data.images import load_image
 from medsig.data.sampling import oversample_indices
 from medsig.data.text import render_text
 from medsig.errors import ConfigError, ImageError
+from medsig.models.device import available_cores, select_device
 from medsig.train.config import TrainConfig
 
 
@@ -308,13 +309,6 @@ class Prefetch(Iterator[Batch]):
             self._thread.join(timeout=10)
 
 
-def _cores() -> int:
-    import os
-
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return cores or 1
-
-
 def loader_workers(configured: int | None) -> int:
     """Loader processes: the config's value, else one per core left to the model (max 4),
     none on 2 cores or fewer.
@@ -326,7 +320,7 @@ def loader_workers(configured: int | None) -> int:
     """
     if configured is not None:
         return configured
-    cores = _cores()
+    cores = available_cores()
     return 0 if cores <= 2 else min(4, cores - 1)
 
 
@@ -337,8 +331,8 @@ def training_threads(configured: int | None, workers: int, device: str) -> Itera
     least 1, so that loading and the model do not fight for cores (OpenMP threads waiting
     for a busy core stall a whole step). Restored afterwards; untouched on a GPU."""
     before = torch.get_num_threads()
-    on_gpu = device not in ("cpu",) and (device != "auto" or torch.cuda.is_available())
-    wanted = configured or (None if on_gpu else max(1, _cores() - max(workers, 1)))
+    on_cpu = select_device(device).type == "cpu"
+    wanted = configured or (max(1, available_cores() - max(workers, 1)) if on_cpu else None)
     if wanted is None or wanted == before:
         yield before
         return

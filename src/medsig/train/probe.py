@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from medsig.errors import ConfigError
+from medsig.models.heads import Head
 from medsig.models.predictor import PROBE_WEIGHTS, ProbeNet, head_probabilities
-from medsig.train.classify import Head, _auc, build_heads
+from medsig.train.classify import _auc, build_heads
 from medsig.train.config import TrainConfig, load_config
 
 
@@ -242,18 +243,13 @@ def train_probe(config: TrainConfig | dict | str | Path, model: str | Path | Non
     net.std.copy_(torch.as_tensor(std, dtype=torch.float32))
     with torch.no_grad():
         probs_v = head_probabilities(net(torch.as_tensor(xv, dtype=torch.float32)),
-                                     [_as_dict(h) for h in heads]).numpy()
+                                     [h.to_dict() for h in heads]).numpy()
     head_info = _thresholds(heads, val, probs_v, cfg.eval.thresholds)
     metrics = head_aucs(heads, val, probs_v)
     _save(cfg, out_dir, net, estimators, mean, std, info, head_info, metrics, collection,
           encoder, time.perf_counter() - started, skipped, split_note,
           {"train": len(train_rows), "val": len(val_rows)})
     return out_dir
-
-
-def _as_dict(h: Head) -> dict[str, Any]:
-    return {"name": h.name, "kind": h.kind, "classes": h.classes, "offset": h.offset,
-            "size": h.size}
 
 
 def _with_split(cfg: TrainConfig) -> tuple[Any, str | None]:
@@ -288,7 +284,7 @@ def _thresholds(heads: list[Head], val: Any, probs: np.ndarray, rule: Any
 
     out = []
     for h in heads:
-        entry = {**_as_dict(h), "thresholds": [], "threshold_rule": "argmax"}
+        entry = {**h.to_dict(), "thresholds": [], "threshold_rule": "argmax"}
         if h.kind != "multiclass":
             y = _targets(val, h)
             names = [h.name] * h.size
