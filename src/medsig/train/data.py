@@ -176,20 +176,24 @@ class Batch:
 
 
 class RowImages(Dataset):
-    """Row index -> preprocessed (and, for training, augmented) pixels."""
+    """Row index -> preprocessed (and, for training, augmented) pixels.
+
+    A key is a row or ``(epoch, row)``: the augmentation is seeded by both, so a loader
+    process that lives for the whole run augments each epoch differently (a bare row: 0).
+    """
 
     def __init__(self, paths: Sequence[Path], preprocess: Callable[[Any], torch.Tensor],
                  augment: Callable[..., Any] | None = None, seed: int = 0,
                  draft_size: int | None = None) -> None:
         self.paths, self.preprocess, self.augment = list(paths), preprocess, augment
-        self.seed, self.epoch, self.draft_size = seed, 0, draft_size
+        self.seed, self.draft_size = seed, draft_size
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, key: int | tuple[int, int]
                     ) -> tuple[int, torch.Tensor | None, str | None]:
-        epoch, row = key if isinstance(key, tuple) else (self.epoch, key)
+        epoch, row = key if isinstance(key, tuple) else (0, key)
         try:
             image = load_image(self.paths[row], draft_size=self.draft_size)
         except ImageError as exc:

@@ -301,7 +301,6 @@ def _train(cfg: TrainConfig, resume: bool,
                                                seed_of(cfg.seed, "order", epoch), plain_train)
                 state["batch"] = 0
             plan: list[list[int]] = state["plan"]
-            train_ds.epoch = epoch
             steps = [micro_batches(s, cfg.optim.batch_size) for s in plan[state["batch"]:]]
             loader = iter(_count_skips(train_loader(
                 [[(epoch, r) for r in m] for ms in steps for m in ms]), state, "train"))
