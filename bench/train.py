@@ -189,7 +189,7 @@ def test_metrics(model_dir: str | Path, env: dict[str, Any], texts: list[str], s
     last-epoch weights; the folder itself holds the best-val-checkpoint weights)."""
     from medsig.evaluate.clustering import clustering_metrics
     from medsig.evaluate.retrieval import retrieval_ranks, summarize_ranks
-    from medsig.index.runner import embed_arrays
+    from medsig.models.embedding import embed_arrays
     from medsig.models.encoder import Encoder
     from medsig.train.data import single_class
 

@@ -28,7 +28,7 @@ from medsig.evaluate.retrieval import (
     retrieval_ranks,
     zeroshot_scores,
 )
-from medsig.evaluate.thresholds import (
+from medsig.models.thresholds import (
     choose_thresholds,
     rule_names,
     threshold_for_sensitivity,

@@ -10,9 +10,10 @@ from PIL import Image
 
 from medsig.data.collection import load_collection
 from medsig.errors import ConfigError
-from medsig.index.runner import embed_arrays, embed_collection
+from medsig.index.runner import embed_collection
 from medsig.index.search import parse_where, search
 from medsig.index.store import VectorStore, close_client, point_id
+from medsig.models.embedding import embed_arrays
 from medsig.models.encoder import Encoder
 from medsig.models.tiny import write_tiny
 from tests.conftest import write_wound_spec

@@ -16,6 +16,12 @@ from medsig.errors import DataError
 from medsig.spec import DatasetSpec
 
 SPLITS = ("train", "val", "test")
+_SPLIT_ORDER = {"train": 0, "val": 1, "valid": 1, "validation": 1, "test": 2}
+
+
+def split_key(name: str) -> tuple[int, str]:
+    """Sort key putting splits in data-flow order: train < val < test < anything else."""
+    return (_SPLIT_ORDER.get(name, 3), name)
 _SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
                   "validation": "val", "dev": "val", "test": "test", "testing": "test"}
 

@@ -25,6 +25,9 @@ import pandas as pd
 import torch
 from PIL import Image, ImageOps
 
+from medsig.data.collection import split_key
+from medsig.data.vectors import split_near_duplicates
+
 SIZE = 16
 DEFAULT_THRESHOLD = 0.99
 
@@ -43,7 +46,7 @@ def image_signatures(paths: Sequence[Path], rows: Sequence[int] | None = None,
                      ) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
     """Signatures of ``paths[rows]`` (all by default): (rows read, (n, size²) float32,
     skipped counts by reason). Unreadable images are skipped and counted."""
-    from medsig.index.reader import read_batches
+    from medsig.data.reader import read_batches
 
     rows = list(range(len(paths))) if rows is None else list(rows)
     got: list[int] = []
@@ -107,8 +110,6 @@ def cross_split_duplicates(paths: Sequence[Path], groups: Sequence, split: Seque
     later-split images with a near-duplicate (and how many of those are in another group,
     i.e. missed by the group check), and examples by image id.
     """
-    from medsig.evaluate.leakage import leakage_report
-
     rows, sig, skipped = cached_signatures(paths, cache_file, num_workers)
     split_arr = np.asarray(split, dtype=object)
     keep = np.linalg.norm(sig, axis=1) > 0.5  # flat images have no signature
@@ -121,8 +122,10 @@ def cross_split_duplicates(paths: Sequence[Path], groups: Sequence, split: Seque
            "counts": {}, "other_group": {}, "examples": []}
     if len(rows) == 0:
         return out
-    rep = leakage_report(g, sp, emb=sig, dup_threshold=threshold,
-                         max_examples=len(rows))["near_duplicates"]
+    sp = np.array([str(x) for x in sp], dtype=object)
+    names = sorted(set(sp.tolist()), key=split_key)
+    rep = split_near_duplicates(sig, sp, np.arange(len(rows)), names, threshold, 4096,
+                                len(rows))
     out["counts"] = rep["counts"]
     out["other_group"] = {k: 0 for k in rep["counts"]}
     for ex in rep["examples"]:

@@ -13,7 +13,7 @@ import numpy as np
 from scipy.stats import rankdata
 
 from medsig.errors import DataError
-from medsig.evaluate.thresholds import binary_arrays
+from medsig.models.thresholds import binary_arrays
 
 NAN = float("nan")
 THRESHOLD_METRICS = ("sensitivity", "specificity", "ppv", "npv", "f1", "accuracy")

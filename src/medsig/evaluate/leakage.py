@@ -5,15 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import torch
 
+from medsig.data.collection import split_key
+from medsig.data.vectors import split_near_duplicates
 from medsig.errors import DataError
-
-_ORDER = {"train": 0, "val": 1, "valid": 1, "validation": 1, "test": 2}
-
-
-def _split_key(s: str) -> tuple[int, str]:
-    return (_ORDER.get(s, 3), s)
 
 
 def _strings(values: Any, what: str, n: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -23,18 +18,6 @@ def _strings(values: Any, what: str, n: int | None = None) -> tuple[np.ndarray, 
         raise DataError(f"{what} must be 1-D with {n} entries, got shape {v.shape}")
     ok = np.array([x is not None and x == x and str(x) != "" for x in v.tolist()], bool)
     return np.array([str(x) if o else "" for x, o in zip(v.tolist(), ok)], dtype=object), ok
-
-
-def _max_cosine(q: torch.Tensor, r: torch.Tensor, chunk: int) -> tuple[np.ndarray, np.ndarray]:
-    best = torch.full((q.shape[0],), -torch.inf)
-    arg = torch.zeros(q.shape[0], dtype=torch.int64)
-    for c0 in range(0, r.shape[0], chunk):
-        s = q @ r[c0:c0 + chunk].T
-        v, i = s.max(dim=1)
-        better = v > best
-        best = torch.where(better, v, best)
-        arg = torch.where(better, i + c0, arg)
-    return best.numpy(), arg.numpy()
 
 
 def leakage_report(groups: Any, split: Any, emb: Any = None, dup_threshold: float = 0.98,
@@ -50,13 +33,13 @@ def leakage_report(groups: Any, split: Any, emb: Any = None, dup_threshold: floa
         row = int(np.nonzero(has_split & ~has_group)[0][0])
         raise DataError(f"row {row + 1} has a split but no group")
     rows = np.nonzero(has_split)[0]
-    names = sorted(set(s[rows].tolist()), key=_split_key)
+    names = sorted(set(s[rows].tolist()), key=split_key)
     per_split = {n: {"rows": int((s[rows] == n).sum()),
                      "groups": len(set(g[rows][s[rows] == n].tolist()))} for n in names}
     where: dict[str, set[str]] = {}
     for gi, si in zip(g[rows].tolist(), s[rows].tolist()):
         where.setdefault(gi, set()).add(si)
-    leaked = {k: sorted(v, key=_split_key) for k, v in where.items() if len(v) > 1}
+    leaked = {k: sorted(v, key=split_key) for k, v in where.items() if len(v) > 1}
     pairs: dict[str, int] = {}
     for sp in leaked.values():
         for i, a in enumerate(sp):
@@ -70,32 +53,9 @@ def leakage_report(groups: Any, split: Any, emb: Any = None, dup_threshold: floa
         "pairs": pairs,
     }
     if emb is not None:
-        report["near_duplicates"] = _near_duplicates(emb, s, rows, names, dup_threshold,
+        report["near_duplicates"] = split_near_duplicates(emb, s, rows, names, dup_threshold,
                                                      chunk_size, max_examples)
     return report
-
-
-def _near_duplicates(emb: Any, s: np.ndarray, rows: np.ndarray, names: list[str],
-                     threshold: float, chunk: int, max_examples: int) -> dict[str, Any]:
-    from medsig.evaluate.retrieval import normalize
-
-    x = normalize(emb, torch.device("cpu"), "embeddings")
-    if x.shape[0] != len(s):
-        raise DataError(f"{x.shape[0]} embeddings for {len(s)} rows")
-    counts: dict[str, int] = {}
-    examples = []
-    for i, a in enumerate(names):
-        ref = rows[s[rows] == a]
-        for b in names[i + 1:]:
-            qry = rows[s[rows] == b]
-            best, arg = _max_cosine(x[torch.from_numpy(qry)], x[torch.from_numpy(ref)], chunk)
-            hit = np.nonzero(best >= threshold)[0]
-            counts[f"{a}/{b}"] = int(len(hit))
-            for h in hit[: max(0, max_examples - len(examples))]:
-                examples.append({"row": int(qry[h]) + 1, "split": b,
-                                 "duplicate_of_row": int(ref[arg[h]]) + 1, "split_of_duplicate": a,
-                                 "cosine": float(best[h])})
-    return {"threshold": threshold, "counts": counts, "examples": examples}
 
 
 def check_leakage(groups: Any, split: Any) -> None:

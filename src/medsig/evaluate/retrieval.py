@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from medsig.data.vectors import normalize
 from medsig.errors import ConfigError, DataError
 
 _BLOCK_ELEMS = 1 << 22  # CPU block of ~16 MB keeps the compare / count passes in cache
@@ -26,26 +27,6 @@ def _device(device: Any, *arrays: Any) -> torch.device:
         if isinstance(a, torch.Tensor):
             return a.device
     return torch.device("cpu")
-
-
-def normalize(emb: Any, device: torch.device, what: str = "embeddings") -> torch.Tensor:
-    """(n, d) float32 tensor on ``device`` with unit rows (no copy when already so)."""
-    t = emb.detach() if isinstance(emb, torch.Tensor) else torch.as_tensor(np.asarray(emb))
-    if t.ndim != 2:
-        raise DataError(f"{what} must be a 2-D (n, d) array, got shape {tuple(t.shape)}")
-    t = t.to(device=device, dtype=torch.float32).contiguous()
-    if t.shape[0] == 0:
-        return t
-    norms = torch.linalg.vector_norm(t, dim=1)
-    if not bool(torch.isfinite(norms).all()):
-        row = int((~torch.isfinite(norms)).nonzero()[0])
-        raise DataError(f"{what}: row {row + 1} contains NaN or infinite values")
-    if bool((norms == 0).any()):
-        row = int((norms == 0).nonzero()[0])
-        raise DataError(f"{what}: row {row + 1} is an all-zero vector")
-    if float((norms - 1).abs().max()) > 1e-4:
-        t = t / norms[:, None]
-    return t
 
 
 def _encode_groups(a: Any, b: Any) -> tuple[np.ndarray, np.ndarray]:

@@ -76,7 +76,7 @@ def fingerprint(path: str, col: Collection, device: str | None = None) -> str:
 
 def _predict(predictor: Any, col: Collection, rows: np.ndarray, batch_size: int,
              num_workers: int | None) -> np.ndarray:
-    from medsig.index.reader import read_batches
+    from medsig.data.reader import read_batches
 
     k = sum(int(h["size"]) for h in predictor.heads)
     out = np.full((len(col), k), np.nan, np.float32)
@@ -90,7 +90,7 @@ def _predict(predictor: Any, col: Collection, rows: np.ndarray, batch_size: int,
 def compute_outputs(path: str, col: Collection, batch_size: int = 64, device: str | None = None,
                     num_workers: int | None = None) -> ModelOutputs:
     """Embed the split with one model; head probabilities and zero-shot where available."""
-    from medsig.index.runner import embed_arrays
+    from medsig.models.embedding import embed_arrays
     from medsig.models.encoder import Encoder
 
     start = time.perf_counter()

@@ -7,18 +7,14 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from medsig.data.collection import Collection, load_collection
-from medsig.index.mapper import embed_image_batch, embed_text_batch
 from medsig.index.payload import row_payload
-from medsig.index.reader import ImageBatch, read_batches
 from medsig.index.store import VectorStore, point_id
 from medsig.index.writer import StoreWriter
+from medsig.models.embedding import iter_embeddings
 from medsig.models.encoder import Encoder
 from medsig.spec import DatasetSpec
 
@@ -47,57 +43,6 @@ class EmbedReport:
                 "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
                 "images_per_second": round(self.images_per_second, 1),
                 "points_after": self.points_after}
-
-
-@dataclass
-class EmbeddedBatch:
-    rows: list[int]
-    image: np.ndarray
-    text: np.ndarray | None
-    texts: list[str]
-    skipped: list[tuple[int, str, str]]
-
-
-def iter_embeddings(encoder: Encoder, collection: Collection, rows: list[int] | None = None,
-                    batch_size: int = 64, num_workers: int | None = None,
-                    timings: dict[str, float] | None = None, texts: bool = True
-                    ) -> Iterator[EmbeddedBatch]:
-    """Embed the images (and, with `texts`, the texts) of `rows` batch by batch."""
-    rows = list(range(len(collection))) if rows is None else rows
-    timings = timings if timings is not None else {}
-    batches = read_batches(collection.image_paths, rows, encoder.preprocess, batch_size,
-                           num_workers, draft_size=encoder.image_size)
-    it = iter(batches)
-    while True:
-        start = time.perf_counter()
-        batch: ImageBatch | None = next(it, None)
-        timings["read_wait"] = timings.get("read_wait", 0.0) + time.perf_counter() - start
-        if batch is None:
-            return
-        start = time.perf_counter()
-        image = embed_image_batch(encoder, batch.pixels)
-        strings = [collection.text(r) for r in batch.rows] if texts else []
-        text = embed_text_batch(encoder, strings) if texts else None
-        timings["model"] = timings.get("model", 0.0) + time.perf_counter() - start
-        yield EmbeddedBatch(batch.rows, image, text, strings, batch.skipped)
-
-
-def embed_arrays(encoder: Encoder, collection: Collection, batch_size: int = 64,
-                 num_workers: int | None = None, texts: bool = True
-                 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, Counter]:
-    """All embeddings in memory: (image (n,d), text (n,d) | None, rows kept, skip counts)."""
-    images, text_parts, kept, skipped = [], [], [], Counter()
-    for b in iter_embeddings(encoder, collection, None, batch_size, num_workers,
-                             texts=texts):
-        images.append(b.image)
-        if b.text is not None:
-            text_parts.append(b.text)
-        kept.extend(b.rows)
-        skipped.update(reason for _, reason, _ in b.skipped)
-    dim = encoder.embed_dim
-    image = np.concatenate(images) if images else np.zeros((0, dim), np.float32)
-    text = np.concatenate(text_parts) if text_parts else None
-    return image, text, np.asarray(kept, dtype=np.int64), skipped
 
 
 def embed_collection(

@@ -7,14 +7,6 @@ import torch
 from medsig.errors import ConfigError
 
 
-def available_cores() -> int:
-    """CPU cores this process may run on (its affinity mask where the OS has one)."""
-    import os
-
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return cores or 1
-
-
 def select_device(preference: str | torch.device | None = None) -> torch.device:
     """``None`` / ``"auto"`` picks CUDA, then Apple MPS, then CPU; otherwise checks availability."""
     if isinstance(preference, torch.device):

@@ -80,7 +80,7 @@ def zeroshot_probabilities(encoder: Any, collection: Any, label: str,
     """(n, C) zero-shot class probabilities of every image of ``collection`` for ``label``
     (binary: C = 2, [negative, positive]). ``image_emb`` skips re-embedding the images."""
     if image_emb is None:
-        from medsig.index.runner import embed_arrays
+        from medsig.models.embedding import embed_arrays
 
         image_emb, _, _, _ = embed_arrays(encoder, collection, texts=False)
     prompts = prompts or class_prompts(collection, [label])[label]

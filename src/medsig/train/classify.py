@@ -210,7 +210,7 @@ class ClassifyObjective:
     # -- output ----------------------------------------------------------------------------
     def thresholds(self, val_batches: Iterable[Batch]) -> list[dict[str, Any]]:
         """Heads with per-output thresholds chosen on val (Youden J or a min sensitivity)."""
-        from medsig.evaluate.thresholds import threshold_for_sensitivity, youden_threshold
+        from medsig.models.thresholds import threshold_for_sensitivity, youden_threshold
 
         rows, logits = self.predict(val_batches)
         probs = self.probabilities(logits).cpu().numpy()

@@ -26,7 +26,8 @@ from medsig.data.images import load_image
 from medsig.data.sampling import oversample_indices
 from medsig.data.text import render_text
 from medsig.errors import ConfigError, ImageError
-from medsig.models.device import available_cores, select_device
+from medsig.models.device import select_device
+from medsig.system import available_cores
 from medsig.train.config import TrainConfig
 
 

@@ -265,7 +265,7 @@ def _with_split(cfg: TrainConfig) -> tuple[Any, str | None]:
 
 
 def _embed(cfg: TrainConfig, collection: Any) -> tuple[np.ndarray, np.ndarray, dict, Any]:
-    from medsig.index.runner import embed_arrays
+    from medsig.models.embedding import embed_arrays
     from medsig.models.encoder import Encoder
 
     device = None if cfg.device == "auto" else cfg.device
@@ -280,7 +280,7 @@ def _embed(cfg: TrainConfig, collection: Any) -> tuple[np.ndarray, np.ndarray, d
 
 def _thresholds(heads: list[Head], val: Any, probs: np.ndarray, rule: Any
                 ) -> list[dict[str, Any]]:
-    from medsig.evaluate.thresholds import choose_thresholds, rule_names
+    from medsig.models.thresholds import choose_thresholds, rule_names
 
     out = []
     for h in heads:

@@ -67,7 +67,7 @@ def read_batches(
 
 
 def default_workers() -> int:
-    from medsig.models.device import available_cores
+    from medsig.system import available_cores
 
     n = available_cores()
     # every core: decoding is the bottleneck for small models, and a large model's forward
