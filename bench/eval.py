@@ -58,7 +58,7 @@ def maxrss_mb() -> float:
 
 
 def worker(args: argparse.Namespace) -> None:
-    from medsig.evaluate.retrieval import retrieval_ranks
+    from medsig.metrics.retrieval import retrieval_ranks
 
     a, b = make(args.n, args.dim, args.variant, args.noise)
     base = maxrss_mb()

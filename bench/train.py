@@ -187,8 +187,8 @@ def test_metrics(model_dir: str | Path, env: dict[str, Any], texts: list[str], s
 
     `weights`: a checkpoint's trainable.safetensors loaded over the folder's model (the
     last-epoch weights; the folder itself holds the best-val-checkpoint weights)."""
-    from medsig.evaluate.clustering import clustering_metrics
-    from medsig.evaluate.retrieval import retrieval_ranks, summarize_ranks
+    from medsig.metrics.clustering import clustering_metrics
+    from medsig.metrics.retrieval import retrieval_ranks, summarize_ranks
     from medsig.models.embedding import embed_arrays
     from medsig.models.encoder import Encoder
     from medsig.train.data import single_class

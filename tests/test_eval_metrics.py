@@ -12,16 +12,16 @@ from sklearn.calibration import calibration_curve
 
 from medsig.errors import ConfigError, DataError
 from medsig.evaluate.bootstrap import Resampler, bootstrap_ci, paired_bootstrap
-from medsig.evaluate.classification import (
+from medsig.evaluate.leakage import check_leakage, leakage_report
+from medsig.metrics.classification import (
     binary_metrics,
     calibration,
     multiclass_metrics,
     multilabel_metrics,
     roc_auc,
 )
-from medsig.evaluate.clustering import clustering_metrics, purity
-from medsig.evaluate.leakage import check_leakage, leakage_report
-from medsig.evaluate.retrieval import (
+from medsig.metrics.clustering import clustering_metrics, purity
+from medsig.metrics.retrieval import (
     batchwise_recall,
     distractor_accuracy,
     retrieval_metrics,

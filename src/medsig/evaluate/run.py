@@ -23,7 +23,6 @@ from medsig.data.collection import Collection, load_collection
 from medsig.data.duplicates import DEFAULT_THRESHOLD, cross_split_duplicates
 from medsig.errors import ConfigError, DataError
 from medsig.evaluate.bootstrap import bootstrap_ci, paired_bootstrap
-from medsig.evaluate.classification import nanmean
 from medsig.evaluate.leakage import leakage_report
 from medsig.evaluate.tasks import (
     Headlines,
@@ -35,6 +34,7 @@ from medsig.evaluate.tasks import (
     retrieval,
     zeroshot,
 )
+from medsig.metrics.classification import nanmean
 
 TASKS = ("classification", "retrieval", "zeroshot", "clustering")
 CACHE_VERSION = 2

@@ -16,7 +16,7 @@ from scipy.stats import rankdata
 
 from medsig.data.collection import Collection
 from medsig.errors import DataError
-from medsig.evaluate.classification import (
+from medsig.metrics.classification import (
     THRESHOLD_METRICS,
     binary_metrics,
     calibration,
@@ -25,8 +25,8 @@ from medsig.evaluate.classification import (
     nanmean,
     roc_auc,
 )
-from medsig.evaluate.clustering import clustering_metrics
-from medsig.evaluate.retrieval import (
+from medsig.metrics.clustering import clustering_metrics
+from medsig.metrics.retrieval import (
     batchwise_recall,
     distractor_accuracy,
     retrieval_ranks,

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from medsig.data.collection import Collection
 from medsig.errors import ConfigError
+from medsig.metrics.classification import roc_auc
 from medsig.models.encoder import resolve_cached
 from medsig.models.heads import Head
 from medsig.train.adapt import adapt_model, export_model
@@ -244,9 +245,7 @@ class ClassifyObjective:
 
 
 def _auc(y: np.ndarray, p: np.ndarray) -> float | None:
-    from sklearn.metrics import roc_auc_score
-
+    """ROC AUC over the rows with a target (>= 0); None when they hold one class."""
     ok = y >= 0
-    if len(set(y[ok].tolist())) < 2:
-        return None
-    return float(roc_auc_score(y[ok], p[ok]))
+    auc = roc_auc(y[ok], p[ok])
+    return None if np.isnan(auc) else auc

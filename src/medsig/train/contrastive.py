@@ -18,7 +18,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from medsig.data.collection import Collection
-from medsig.errors import ConfigError
+from medsig.errors import ConfigError, DataError
+from medsig.metrics.clustering import clustering_metrics
+from medsig.metrics.retrieval import retrieval_ranks, summarize_ranks
 from medsig.models.zeroshot import class_prompts
 from medsig.train.adapt import adapt_model, export_model
 from medsig.train.config import TrainConfig
@@ -220,9 +222,10 @@ class ContrastiveObjective:
         pos_t = self._positives(rows, texts, self.val_pos, True)
         pos_i = self._positives(rows, texts, self.val_pos, False)
         metrics = {"val/loss": float(self.loss(img, txt, pos_t, pos_i))}
-        own = inverse_t[:, None] == torch.arange(len(distinct), device=img.device)[None, :]
-        metrics.update(recall_at_k(img @ gallery.T, own, (1, 5), "val/recall"))
-        metrics.update(recall_at_k(gallery @ img.T, own.T, (1,), "val/t2i_recall"))
+        i2t, t2i = retrieval_ranks(img, gallery, (inverse.reshape(-1), np.arange(len(distinct))))
+        i2t_recall = summarize_ranks(i2t, (1, 5))
+        metrics.update({f"val/recall@{k}": i2t_recall[f"recall@{k}"] for k in (1, 5)})
+        metrics["val/t2i_recall@1"] = summarize_ranks(t2i, (1,))["recall@1"]
         if self.main is not None:
             metrics["val/nmi"] = nmi(img.cpu().numpy(), single_class(self.data.val,
                                                                      self.main)[rows],
@@ -248,28 +251,12 @@ class ContrastiveObjective:
                 "image_size": self.image_size}
 
 
-def recall_at_k(sim: Tensor, positives: Tensor, ks: tuple[int, ...], prefix: str
-                ) -> dict[str, float]:
-    """Fraction of rows whose top-k columns contain a positive."""
-    out = {}
-    order = sim.argsort(dim=1, descending=True)
-    hits = positives.gather(1, order)
-    for k in ks:
-        out[f"{prefix}@{k}"] = float(hits[:, :k].any(dim=1).float().mean())
-    return out
-
-
 def nmi(emb: np.ndarray, classes: np.ndarray, seed: int = 0) -> float:
-    """NMI between k-means clusters of the embeddings and the classes (missing skipped)."""
-    from sklearn.cluster import KMeans
-    from sklearn.metrics import normalized_mutual_info_score
-
-    ok = classes >= 0
-    k = len(set(classes[ok].tolist()))
-    if k < 2 or ok.sum() <= k:
+    """NMI between k-means clusters of the embeddings and the classes; NaN when too few."""
+    try:
+        return float(clustering_metrics(emb, classes, seed=seed)["nmi"])
+    except DataError:
         return float("nan")
-    km = KMeans(n_clusters=k, n_init=4, random_state=seed).fit(emb[ok])
-    return float(normalized_mutual_info_score(classes[ok], km.labels_))
 
 
 def hard_negative_batches(pool: np.ndarray, neighbours: dict[int, list[int]], step_size: int,
