@@ -81,69 +81,37 @@ def data_split(
                    "of model-free image signatures >= this; 0: no check)."),
 ) -> None:
     """Assign train/val/test by group, stratified over all labels; write the assignment."""
-    from medsig.data.collection import load_collection
-    from medsig.data.split import set_spec_splits, split_collection, write_split
+    from medsig.data.split import split_spec
     from medsig.errors import ConfigError
 
-    collection = load_collection(spec)
-    if collection.spec.split_column and not force:
-        raise ConfigError(f"the spec names split column '{collection.spec.split_column}'; "
-                          "it is kept (use --force to compute a new split)")
     try:
         parts = tuple(float(x) for x in ratios.split(","))
     except ValueError:
         raise ConfigError(f"--ratios '{ratios}': expected three numbers like 0.7,0.15,0.15"
                           ) from None
-    if not 0 <= duplicates <= 1:
-        raise ConfigError(f"--duplicates must be in [0, 1] (0: no check), got {duplicates}")
-    together = None
-    out_dir = out or spec.resolve().parent
-    if duplicates:
-        together = _near_duplicates(collection, duplicates, out_dir)
-    else:
-        (out_dir / "near_duplicates.csv").unlink(missing_ok=True)  # not this split's
-    result = split_collection(collection, parts, seed=seed,  # type: ignore[arg-type]
-                              together=together)
-    splits_path, report_path = write_split(collection, result, out_dir)
-    if update_spec:
-        rel = Path(_relpath(splits_path, spec.resolve().parent))
-        set_spec_splits(spec, str(rel))
-    counts = result.counts()
+    done = split_spec(spec, parts, seed=seed, out_dir=out, update_spec=update_spec,  # type: ignore[arg-type]
+                      force=force, duplicates=duplicates)
+    if done.duplicates is not None:
+        _print_duplicates(done)
+    counts = done.result.counts()
     console.print(f"split (seed {seed}): " + ", ".join(f"{k} {v}" for k, v in counts.items()))
-    console.print(f"wrote {splits_path} and {report_path}")
+    console.print(f"wrote {done.splits_path} and {done.report_path}")
 
 
-def _near_duplicates(collection, threshold: float, out_dir: Path):
-    """Row pairs of near-duplicate images in different groups (kept in one split), listed
-    in near_duplicates.csv and on the console."""
-    from medsig.data.duplicates import duplicate_table, pairs_of
-
-    table, skipped = duplicate_table(collection, threshold)
-    file = out_dir / "near_duplicates.csv"
-    unread = f" ({sum(skipped.values())} unreadable images not checked)" if skipped else ""
+def _print_duplicates(done) -> None:
+    table, threshold = done.duplicates, done.duplicate_threshold
+    unread = f" ({done.unreadable} unreadable images not checked)" if done.unreadable else ""
     if table.empty:
-        file.unlink(missing_ok=True)
         console.print(f"near-duplicate images in different groups (cosine >= {threshold}): "
                       f"none{unread}", highlight=False)
-        return None
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_suffix(".csv.tmp")
-    table.drop(columns=["row", "duplicate_row"]).to_csv(tmp, index=False)
-    tmp.replace(file)
+        return
     first = table.iloc[0]
     joined = len(set(table["group"]) | set(table["duplicate_group"]))
     console.print(f"[yellow]warning:[/] {len(table)} near-duplicate image pair(s) in different "
                   f"groups (cosine >= {threshold}), e.g. '{first['id']}' ({first['group']}) ~ "
                   f"'{first['duplicate_id']}' ({first['duplicate_group']}): their {joined} "
-                  f"groups are kept in one split; all pairs in {file}{unread}",
+                  f"groups are kept in one split; all pairs in {done.duplicates_file}{unread}",
                   highlight=False)
-    return pairs_of(table)
-
-
-def _relpath(path: Path, start: Path) -> str:
-    import os
-
-    return os.path.relpath(path, start)
 
 
 @data_app.command("synth")

@@ -193,3 +193,20 @@ def duplicate_table(collection, threshold: float = DEFAULT_THRESHOLD,
 
 def pairs_of(table: pd.DataFrame) -> np.ndarray:
     return table[["row", "duplicate_row"]].to_numpy(dtype=np.int64)
+
+
+def write_duplicate_table(collection, threshold: float, out_dir: Path
+                          ) -> tuple[pd.DataFrame, Path | None, int, np.ndarray | None]:
+    """Near-duplicate pairs of different groups written to ``out_dir/near_duplicates.csv``
+    (removed when there are none): (table, file or None, unreadable images, row pairs)."""
+    table, skipped = duplicate_table(collection, threshold)
+    file = Path(out_dir) / "near_duplicates.csv"
+    unreadable = int(sum(skipped.values()))
+    if table.empty:
+        file.unlink(missing_ok=True)
+        return table, None, unreadable, None
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_suffix(".csv.tmp")
+    table.drop(columns=["row", "duplicate_row"]).to_csv(tmp, index=False)
+    tmp.replace(file)
+    return table, file, unreadable, pairs_of(table)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from medsig.data.collection import SPLITS, Collection
+from medsig.data.collection import SPLITS, Collection, load_collection
 from medsig.errors import ConfigError, DataError
 
 
@@ -217,3 +217,46 @@ def set_spec_splits(spec_path: Path, splits_file: str) -> None:
     tmp = spec_path.with_suffix(spec_path.suffix + ".tmp")
     tmp.write_text("\n".join(lines) + "\n")
     tmp.replace(spec_path)
+
+
+@dataclass
+class SplitRun:
+    """What `split_spec` did: the split, the files written, the near-duplicate check."""
+
+    result: SplitResult
+    splits_path: Path
+    report_path: Path
+    duplicates: pd.DataFrame | None  # pairs kept together; None when the check was off
+    duplicates_file: Path | None
+    duplicate_threshold: float
+    unreadable: int = 0
+
+
+def split_spec(spec_path: str | Path, ratios: tuple[float, float, float] = (0.7, 0.15, 0.15),
+               seed: int = 0, out_dir: str | Path | None = None, update_spec: bool = True,
+               force: bool = False, duplicates: float = 0.99) -> SplitRun:
+    """`medsig data split` as a function: near-duplicate check (pairs of different groups
+    kept in one split, listed in near_duplicates.csv), group-wise stratified split,
+    splits.csv + split_report.csv, and (``update_spec``) the spec pointed at them."""
+    from medsig.data.duplicates import write_duplicate_table
+
+    spec_path = Path(spec_path)
+    collection = load_collection(spec_path)
+    if collection.spec.split_column and not force:
+        raise ConfigError(f"the spec names split column '{collection.spec.split_column}'; "
+                          "it is kept (use --force to compute a new split)")
+    if not 0 <= duplicates <= 1:
+        raise ConfigError(f"--duplicates must be in [0, 1] (0: no check), got {duplicates}")
+    out = Path(out_dir) if out_dir else spec_path.resolve().parent
+    table, file, unreadable, together = None, None, 0, None
+    if duplicates:
+        table, file, unreadable, together = write_duplicate_table(collection, duplicates, out)
+    else:
+        (out / "near_duplicates.csv").unlink(missing_ok=True)  # not this split's
+    result = split_collection(collection, ratios, seed=seed, together=together)
+    splits_path, report_path = write_split(collection, result, out)
+    if update_spec:
+        import os
+
+        set_spec_splits(spec_path, os.path.relpath(splits_path, spec_path.resolve().parent))
+    return SplitRun(result, splits_path, report_path, table, file, duplicates, unreadable)
