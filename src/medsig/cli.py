@@ -51,7 +51,8 @@ def data_inspect(spec: Path = typer.Argument(..., help="Dataset spec (YAML)."),
         print(json.dumps(report.to_dict(), indent=2))
         return
     console.print(f"[bold]{report.name}[/]: {report.rows} rows, {report.groups} groups, "
-                  f"{report.images_found} images found, {len(report.images_missing)} missing")
+                  f"{report.images_found} images found, {len(report.images_missing)} missing or "
+                  "unusable")
     if report.split_counts:
         console.print("split: " + ", ".join(f"{k} {v}" for k, v in report.split_counts.items()))
     for lab in report.labels:
@@ -82,6 +83,7 @@ def data_split(
 ) -> None:
     """Assign train/val/test by group, stratified over all labels; write the assignment."""
     from medsig.data.collection import load_collection
+    from medsig.data.inspect import conflict_warnings, label_conflicts
     from medsig.data.split import set_spec_splits, split_collection, write_split
     from medsig.errors import ConfigError
 
@@ -111,6 +113,8 @@ def data_split(
     counts = result.counts()
     console.print(f"split (seed {seed}): " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     console.print(f"wrote {splits_path} and {report_path}")
+    for w in conflict_warnings(label_conflicts(collection)):
+        console.print(f"[yellow]warning:[/] {w} (each group stays in one split)")
 
 
 def _near_duplicates(collection, threshold: float, out_dir: Path):
