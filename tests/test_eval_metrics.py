@@ -183,7 +183,7 @@ def test_calibration_equals_sklearn_curve():
 
 # -- retrieval --------------------------------------------------------------------------------
 def _brute_ranks(a, b, gi, gt):
-    """Full matrix, full argsort: position of the first positive (stable ties)."""
+    """Full matrix: 1 + non-positives scoring >= the best positive (ties against)."""
     a = a / np.linalg.norm(a, axis=1, keepdims=True)
     b = b / np.linalg.norm(b, axis=1, keepdims=True)
     s = a @ b.T
@@ -194,8 +194,8 @@ def _brute_ranks(a, b, gi, gt):
             if ga[i] < 0 or not (gb == ga[i]).any():
                 out.append(-1)
                 continue
-            hit = gb[np.argsort(-s[i], kind="stable")] == ga[i]
-            out.append(int(np.argmax(hit)) + 1)
+            pos = gb == ga[i]
+            out.append(int((s[i][~pos] >= s[i][pos].max() - 1e-5).sum()) + 1)
         return np.array(out)
 
     return ranks(s, gi, gt), ranks(s.T, gt, gi)

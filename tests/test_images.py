@@ -87,7 +87,7 @@ def test_bad_images_raise_a_reason(tmp_path: Path, kind):
         path.mkdir()
     with pytest.raises(ImageError) as info:
         load_image(path, max_pixels=max_pixels) if max_pixels else load_image(path)
-    expected = {"directory": "not_an_image"}.get(kind, kind)
+    expected = {"directory": "not_a_file"}.get(kind, kind)
     assert info.value.reason == expected
     assert str(path) in str(info.value) and "\n" not in str(info.value)
 

@@ -51,7 +51,8 @@ def data_inspect(spec: Path = typer.Argument(..., help="Dataset spec (YAML)."),
         print(json.dumps(report.to_dict(), indent=2))
         return
     console.print(f"[bold]{report.name}[/]: {report.rows} rows, {report.groups} groups, "
-                  f"{report.images_found} images found, {len(report.images_missing)} missing")
+                  f"{report.images_found} images found, {len(report.images_missing)} missing or "
+                  "unusable")
     if report.split_counts:
         console.print("split: " + ", ".join(f"{k} {v}" for k, v in report.split_counts.items()))
     for lab in report.labels:
@@ -96,6 +97,8 @@ def data_split(
     counts = done.result.counts()
     console.print(f"split (seed {seed}): " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     console.print(f"wrote {done.splits_path} and {done.report_path}")
+    for w in done.label_conflicts:
+        console.print(f"[yellow]warning:[/] {w} (each group stays in one split)")
 
 
 def _print_duplicates(done) -> None:

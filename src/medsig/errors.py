@@ -49,7 +49,8 @@ class DataError(MedsigError):
 class ImageError(MedsigError):
     """An image could not be used. `reason` is a short stable tag used to count skips."""
 
-    REASONS = ("missing", "empty", "truncated", "not_an_image", "too_large", "unreadable")
+    REASONS = ("missing", "empty", "truncated", "not_an_image", "too_large", "unreadable",
+               "not_a_file", "outside_root")
 
     def __init__(self, reason: str, message: str, *, file: str | Path | None = None) -> None:
         if reason not in self.REASONS:

@@ -19,7 +19,7 @@ LABEL_TYPES = ("binary", "multiclass", "multilabel")
 DEFAULT_MISSING = ["MISSING", ""]
 
 _TOP_KEYS = {"name", "table", "image_root", "columns", "missing_values", "templates",
-             "metadata", "labels", "description", "splits"}
+             "metadata", "labels", "description", "splits", "allow_outside_root"}
 _COLUMN_KEYS = {"image", "id", "text", "group", "split"}
 _LABEL_KEYS = {"name", "type", "column", "positive", "negative", "states", "classes",
                "mapping", "exclude", "separator", "weights_column", "coarse", "missing_values"}
@@ -93,6 +93,7 @@ class DatasetSpec:
     labels: list[LabelSpec] = field(default_factory=list)
     description: str | None = None
     splits: str | None = None  # a CSV (id, split) written by `medsig data split`
+    allow_outside_root: bool = False  # image paths may resolve outside image_root
     path: Path | None = None  # the spec file, when loaded from disk
 
     # -- paths -----------------------------------------------------------------------------
@@ -176,6 +177,8 @@ class DatasetSpec:
                       if raw.get("metadata") is not None else None),
             description=raw.get("description"),
             splits=_opt_str(raw.get("splits"), "splits", where),
+            allow_outside_root=_bool(raw.get("allow_outside_root", False),
+                                     "allow_outside_root", where),
             path=path.resolve() if path is not None else None,
         )
         seen: set[str] = set()
@@ -201,6 +204,8 @@ class DatasetSpec:
             out["description"] = self.description
         if self.splits:
             out["splits"] = self.splits
+        if self.allow_outside_root:
+            out["allow_outside_root"] = True
         if self.templates:
             out["templates"] = list(self.templates)
         if self.metadata is not None:
@@ -230,6 +235,12 @@ def _str(value: Any, key: str, where: Any) -> str:
     if not isinstance(value, (str, int, float)) or isinstance(value, bool) or value == "":
         raise SpecError(f"'{key}' must be a non-empty string", file=where)
     return str(value)
+
+
+def _bool(value: Any, key: str, where: Any) -> bool:
+    if not isinstance(value, bool):
+        raise SpecError(f"'{key}' must be true or false, not {value!r}", file=where)
+    return value
 
 
 def _opt_str(value: Any, key: str, where: Any) -> str | None:

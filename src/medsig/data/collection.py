@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from medsig.data.images import RootedPath
 from medsig.data.labels import EncodedLabel, encode_labels
 from medsig.data.table import read_table, require_columns
 from medsig.data.text import render_text
@@ -122,9 +123,13 @@ def load_collection(spec: DatasetSpec | str | Path) -> Collection:
         if not v or v in spec.missing_values:
             raise DataError("empty image path", file=file, row=i + 1, column=spec.image_column)
     root = spec.image_root_path
-    image_paths = [root / v for v in images]
+    image_paths = ([root / v for v in images] if spec.allow_outside_root
+                   else [RootedPath.under(root, root / v) for v in images])
     id_col = spec.id_column or spec.image_column
     ids = [str(v).strip() for v in frame[id_col]]
+    for i, v in enumerate(ids):
+        if not v:
+            raise DataError("empty id", file=file, row=i + 1, column=id_col)
     _check_unique(ids, file, id_col)
     groups = (np.array([str(v).strip() for v in frame[spec.group_column]], dtype=object)
               if spec.group_column else np.array(ids, dtype=object))

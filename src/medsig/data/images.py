@@ -2,12 +2,19 @@
 
 ``load_image`` returns an RGB PIL image or raises :class:`~medsig.errors.ImageError` with a
 short reason (``missing``, ``empty``, ``truncated``, ``not_an_image``, ``too_large``,
-``unreadable``) that readers count as skips.
+``unreadable``, ``not_a_file``, ``outside_root``) that readers count as skips.
+
+Only regular files are read (a FIFO, a device such as ``/dev/zero`` or a folder is
+``not_a_file``, never a hang), and the byte cap is checked on the open file before reading.
+A :class:`RootedPath` (what a collection hands out) must resolve, symlinks included, inside
+its image root at the moment it is read, else ``outside_root``.
 """
 
 from __future__ import annotations
 
 import io
+import os
+import stat
 import warnings
 from pathlib import Path
 
@@ -18,6 +25,7 @@ from medsig.errors import ImageError
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb limit
+DEFAULT_MAX_BYTES = 256 * 1024 * 1024  # larger image files are refused before reading
 _DICOM_MAGIC_OFFSET = 128
 
 _SIGNATURES: list[tuple[bytes, int, str]] = [
@@ -35,7 +43,36 @@ _SIGNATURES: list[tuple[bytes, int, str]] = [
 _MESSAGES = {"missing": "image file not found", "empty": "image file is empty",
              "truncated": "image data is truncated", "not_an_image": "not an image",
              "too_large": "image too large (decompression-bomb limit)",
-             "unreadable": "image could not be decoded"}
+             "unreadable": "image could not be decoded",
+             "not_a_file": "not a regular file", "outside_root": "path outside the image root"}
+
+
+class RootedPath(type(Path())):  # type: ignore[misc]
+    """A path that must resolve inside ``image_root`` when it is read (see ``load_image``).
+
+    Behaves as a plain path everywhere else; pickles with its root (DataLoader workers).
+    """
+
+    image_root: str | None = None  # derived paths (parent, with_suffix, ...) carry none
+
+    @classmethod
+    def under(cls, root: str | Path, path: str | Path) -> RootedPath:
+        out = cls(path)
+        out.image_root = os.path.realpath(root)
+        return out
+
+    def __reduce__(self):  # noqa: ANN204
+        return _rooted, (str(self), self.image_root)
+
+
+def _rooted(path: str, root: str | None) -> Path:
+    return RootedPath.under(root, path) if root is not None else Path(path)
+
+
+def inside_root(path: str | Path, root: str | Path) -> bool:
+    """Whether ``path`` resolves (symlinks followed) inside ``root``."""
+    real, base = os.path.realpath(path), os.path.realpath(root)
+    return real == base or real.startswith(base.rstrip(os.sep) + os.sep)
 
 
 def _fail(reason: str, where: str, detail: str | None = None) -> ImageError:
@@ -55,31 +92,70 @@ def sniff_format(data: bytes) -> str | None:
     return None
 
 
-def _read_bytes(source: str | Path | bytes) -> tuple[bytes, str]:
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        return bytes(source), "upload"
-    path = Path(source)
-    where = str(path)
+def image_problem(path: str | Path) -> str | None:
+    """Why ``path`` cannot be read, without reading it: ``outside_root``, ``missing``,
+    ``not_a_file`` or None (a regular file, inside its root when it is a RootedPath)."""
+    root = getattr(path, "image_root", None)
+    if root is not None and not inside_root(path, root):
+        return "outside_root"
     try:
-        data = path.read_bytes()
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "missing"
+    except OSError:
+        return "missing"
+    return None if stat.S_ISREG(mode) else "not_a_file"
+
+
+def _read_bytes(source: str | Path | bytes, max_bytes: int | None) -> tuple[bytes, str]:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        if max_bytes is not None and len(source) > max_bytes:
+            raise _fail("too_large", "upload", detail=f"{len(source)} bytes > {max_bytes}")
+        return bytes(source), "upload"
+    where = str(source)
+    path = where
+    root = getattr(source, "image_root", None)
+    if root is not None:
+        if not inside_root(where, root):
+            raise _fail("outside_root", where, detail=f"root {root}")
+        path = os.path.realpath(where)  # open what was checked, not a swappable link
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # FIFO, device, folder, socket
+            raise _fail("not_a_file", where)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)
+                     | getattr(os, "O_BINARY", 0))
     except FileNotFoundError:
         raise _fail("missing", where) from None
-    except IsADirectoryError:
-        raise _fail("not_an_image", where) from None
+    except ImageError:
+        raise
     except OSError as exc:
         raise _fail("unreadable", where, detail=exc.strerror or str(exc)) from None
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):  # replaced between stat and open
+            raise _fail("not_a_file", where)
+        if max_bytes is not None and info.st_size > max_bytes:
+            raise _fail("too_large", where, detail=f"{info.st_size} bytes > {max_bytes}")
+        try:
+            data = f.read(max_bytes + 1 if max_bytes is not None else -1)
+        except OSError as exc:
+            raise _fail("unreadable", where, detail=exc.strerror or str(exc)) from None
+    if max_bytes is not None and len(data) > max_bytes:  # grew while being read
+        raise _fail("too_large", where, detail=f"more than {max_bytes} bytes")
     return data, where
 
 
 def load_image(source: str | Path | bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-               draft_size: int | None = None) -> Image.Image:
+               draft_size: int | None = None, max_bytes: int | None = DEFAULT_MAX_BYTES
+               ) -> Image.Image:
     """Decode ``source`` (a path or raw bytes) to an RGB image.
 
-    ``max_pixels`` rejects decompression bombs before decoding. ``draft_size`` lets JPEG
-    decode at a reduced scale (a power of two, never below ``draft_size`` on the short side),
-    which is several times faster for large photos fed to a small model.
+    ``max_pixels`` rejects decompression bombs before decoding; ``max_bytes`` rejects larger
+    files before reading them. ``draft_size`` lets JPEG decode at a reduced scale (a power of
+    two, never below ``draft_size`` on the short side), which is several times faster for
+    large photos fed to a small model.
     """
-    data, where = _read_bytes(source)
+    data, where = _read_bytes(source, max_bytes)
     if not data:
         raise _fail("empty", where)
     if sniff_format(data) == "dicom" or where.lower().endswith((".dcm", ".dicom")):

@@ -2,11 +2,58 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
+import pandas as pd
 
 from medsig.data.collection import SPLITS, Collection
+from medsig.data.images import image_problem
+
+
+@dataclass
+class LabelConflict:
+    """A group (case / patient) whose rows disagree on a label."""
+
+    label: str
+    group: str
+    values: dict[str, list[int]]  # readable value -> 1-based table rows with it
+
+    def __str__(self) -> str:
+        parts = [f"{v} (row{'s' if len(r) > 1 else ''} {', '.join(map(str, r[:5]))}"
+                 f"{' ...' if len(r) > 5 else ''})" for v, r in self.values.items()]
+        return f"group '{self.group}': {' vs '.join(parts)}"
+
+
+def label_conflicts(collection: Collection) -> list[LabelConflict]:
+    """Groups whose rows carry different (non-missing) values of one label."""
+    out: list[LabelConflict] = []
+    rows = collection.rows + 1 if len(collection.rows) == len(collection) \
+        else np.arange(1, len(collection) + 1)
+    for name, lab in collection.labels.items():
+        if lab.parent is not None:  # a coarse label follows its fine label
+            continue
+        codes = [lab.readable(i) for i in range(len(collection))]
+        frame = pd.DataFrame({"g": collection.groups.astype(str), "v": codes, "row": rows})
+        frame = frame[frame["v"].notna()]
+        n_values = frame.groupby("g", sort=False)["v"].nunique()
+        for group in n_values.index[n_values > 1]:
+            part = frame[frame["g"] == group]
+            values = {str(v): [int(r) for r in rs] for v, rs in
+                      part.groupby("v", sort=False)["row"]}
+            out.append(LabelConflict(name, str(group), values))
+    return out
+
+
+def conflict_warnings(conflicts: list[LabelConflict], shown: int = 3) -> list[str]:
+    """One warning per label naming its first conflicting groups, values and rows."""
+    by_label: dict[str, list[LabelConflict]] = {}
+    for c in conflicts:
+        by_label.setdefault(c.label, []).append(c)
+    return [f"label '{name}': {len(cs)} group(s) whose rows disagree: "
+            + "; ".join(str(c) for c in cs[:shown]) + (" ..." if len(cs) > shown else "")
+            for name, cs in by_label.items()]
 
 
 @dataclass
@@ -41,11 +88,16 @@ class InspectReport:
 
 def inspect_collection(collection: Collection, min_groups: int = 3) -> InspectReport:
     """Summarise a collection; `min_groups`: fewer groups than this cannot be split 3 ways."""
-    missing_images = [str(p) for p in collection.image_paths if not p.is_file()]
+    problems = [(str(p), image_problem(p)) for p in collection.image_paths]
+    missing_images = [p for p, why in problems if why is not None]
     warnings: list[str] = []
-    if missing_images:
-        warnings.append(f"{len(missing_images)} image(s) missing on disk, e.g. "
-                        f"{missing_images[0]}")
+    why_counts = Counter(why for _, why in problems if why is not None)
+    what = {"missing": "missing on disk", "not_a_file": "not regular files (will be skipped)",
+            "outside_root": "outside the image root (will be skipped; set "
+                            "allow_outside_root: true in the spec to allow)"}
+    for why, n in why_counts.items():
+        example = next(p for p, w in problems if w == why)
+        warnings.append(f"{n} image(s) {what[why]}, e.g. {example}")
     summaries = []
     for name, lab in collection.labels.items():
         onehot = lab.onehot()
@@ -77,6 +129,7 @@ def inspect_collection(collection: Collection, min_groups: int = 3) -> InspectRe
             warnings.append(f"label '{name}': no rows for {', '.join(empty[:6])}")
         summaries.append(LabelSummary(name, lab.kind, counts, groups, int(lab.missing.sum()),
                                       pos_weight))
+    warnings += conflict_warnings(label_conflicts(collection))
     split_counts = None
     if collection.split is not None:
         split_counts = {s: int((collection.split == s).sum()) for s in SPLITS}

@@ -8,7 +8,7 @@ then guaranteed in every split by moving groups where needed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -230,6 +230,7 @@ class SplitRun:
     duplicates_file: Path | None
     duplicate_threshold: float
     unreadable: int = 0
+    label_conflicts: list[str] = field(default_factory=list)  # groups whose rows disagree
 
 
 def split_spec(spec_path: str | Path, ratios: tuple[float, float, float] = (0.7, 0.15, 0.15),
@@ -259,4 +260,7 @@ def split_spec(spec_path: str | Path, ratios: tuple[float, float, float] = (0.7,
         import os
 
         set_spec_splits(spec_path, os.path.relpath(splits_path, spec_path.resolve().parent))
-    return SplitRun(result, splits_path, report_path, table, file, duplicates, unreadable)
+    from medsig.data.inspect import conflict_warnings, label_conflicts
+
+    return SplitRun(result, splits_path, report_path, table, file, duplicates, unreadable,
+                    conflict_warnings(label_conflicts(collection)))

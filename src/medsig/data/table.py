@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -32,7 +33,9 @@ def read_table(path: str | Path) -> pd.DataFrame:
         elif kind == "parquet":
             frame = pd.read_parquet(path)
         else:
-            frame = pd.read_json(path, lines=True, dtype=False)
+            frame = _read_jsonl(path)
+    except DataError:
+        raise
     except (ValueError, OSError, UnicodeDecodeError, pd.errors.ParserError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataError(f"cannot read {kind.upper()} table: {first}", file=path) from None
@@ -46,6 +49,27 @@ def read_table(path: str | Path) -> pd.DataFrame:
         else:
             frame[col] = frame[col].map(lambda v: v if isinstance(v, (list, dict)) else _to_str(v))
     return frame
+
+
+def _read_jsonl(path: Path) -> pd.DataFrame:
+    """One JSON object per line (blank lines skipped); errors name the line number."""
+    records = []
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as exc:
+                reason = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
+                col = f", character {exc.colno}" if isinstance(exc, json.JSONDecodeError) else ""
+                raise DataError(f"line {number}{col}: invalid JSON ({reason})",
+                                file=path) from None
+            if not isinstance(record, dict):
+                raise DataError(f"line {number}: expected a JSON object, got "
+                                f"{type(record).__name__}", file=path)
+            records.append(record)
+    return pd.DataFrame.from_records(records) if records else pd.DataFrame()
 
 
 def _to_str(value: object) -> str:

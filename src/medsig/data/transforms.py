@@ -26,6 +26,9 @@ _RESAMPLE = {0: Image.NEAREST, 1: Image.LANCZOS, 2: Image.BILINEAR, 3: Image.BIC
              4: Image.BOX, 5: Image.HAMMING}
 
 
+MAX_PAD_RATIO = 2.0  # pad first only while the canvas is at most twice the image
+
+
 def pad_to_square(image: Image.Image, fill: tuple[int, int, int] = (0, 0, 0)) -> Image.Image:
     """Centre ``image`` on a square canvas of its longer side."""
     w, h = image.size
@@ -34,6 +37,27 @@ def pad_to_square(image: Image.Image, fill: tuple[int, int, int] = (0, 0, 0)) ->
     side = max(w, h)
     canvas = Image.new("RGB", (side, side), fill)
     canvas.paste(image.convert("RGB"), ((side - w) // 2, (side - h) // 2))
+    return canvas
+
+
+def pad_resize(image: Image.Image, size: int, resample: int = Image.BICUBIC) -> Image.Image:
+    """Zero-pad to a square and resize to ``size`` x ``size`` without a huge canvas.
+
+    Ordinary images (canvas at most ``MAX_PAD_RATIO`` times the image: aspect up to 2:1)
+    are padded then resized, exactly as :func:`pad_to_square`. An elongated image (a
+    1 x 20,000 strip would need a 20,000² canvas) is resized first, its long side to
+    ``size``, then centred on a ``size``² canvas: memory stays within the image's own.
+    """
+    w, h = image.size
+    side = max(w, h)
+    if side * side <= MAX_PAD_RATIO * w * h:
+        image = pad_to_square(image)
+        return image if image.size == (size, size) else image.resize((size, size), resample)
+    scale = size / side
+    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+    canvas = Image.new("RGB", (size, size), (0, 0, 0))
+    canvas.paste(image.convert("RGB").resize((nw, nh), resample),
+                 ((size - nw) // 2, (size - nh) // 2))
     return canvas
 
 
@@ -68,8 +92,8 @@ class Preprocess:
             out = self.processor(images=image.convert("RGB"), return_tensors="pt")
             return out["pixel_values"][0].float()
         if self.mode == "pad":
-            image = pad_to_square(image)
-        if image.size != (self.size, self.size):
+            image = pad_resize(image, self.size, self.resample)
+        elif image.size != (self.size, self.size):
             image = image.resize((self.size, self.size), self.resample)
         array = np.asarray(image.convert("RGB"), dtype=np.uint8)
         tensor = torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)

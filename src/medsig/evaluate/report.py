@@ -35,7 +35,7 @@ HOW_TO_READ = [
     "stated) count as matches (multi-positives).",
     "Clustering intervals keep the k-means clusters fixed and resample the rows; NMI "
     "intervals are shifted by the bootstrap bias, because duplicated rows make clusters look "
-    "tighter.",
+    "tighter, then clipped to NMI's range [0, 1].",
     "These are research metrics. Nothing here is a diagnostic claim or evidence of clinical "
     "validity; a model must be validated prospectively before any clinical use.",
 ]
@@ -276,22 +276,34 @@ def retrieval_section(metrics: dict[str, Any]) -> list[Block]:
     return blocks + ([("p", "Skipped: " + "; ".join(skipped))] if skipped else [])
 
 
+SMALL_SUBGROUP = 10  # fewer cases (groups) than this: flagged, its metrics are noise
+
+
+def _small(table: dict[str, Any], value: str) -> str:
+    return " ⚠ small" if table["groups"][value] < SMALL_SUBGROUP else ""
+
+
 def subgroup_section(metrics: dict[str, Any]) -> list[Block]:
     models = _models(metrics)
     blocks: list[Block] = []
     for column, table in (metrics.get("subgroups") or {}).items():
         blocks.append(("h", 3, f"Subgroups by {column}"))
         values = list(table["counts"])
-        rows = [[v, table["counts"][v], table["groups"][v]] for v in values]
+        rows = [[v + _small(table, v), table["counts"][v], table["groups"][v]] for v in values]
         blocks.append(("table", [column, "images", "groups"], rows))
         mrows = []
         for metric, per in table["metrics"].items():
             for v in values:
-                mrows.append([metric, v, *[fmt(_get(per, v, m)) for m in models]])
+                n = f"{table['counts'][v]} ({table['groups'][v]})"
+                mrows.append([metric, v + _small(table, v), n,
+                              *[fmt(_get(per, v, m)) for m in models]])
         if mrows:
-            blocks.append(("table", ["metric", column, *models], mrows))
+            blocks.append(("table", ["metric", column, "n images (groups)", *models], mrows))
     if blocks:
         blocks.insert(0, ("h", 2, "Subgroups (point estimates; small groups are noisy)"))
+        blocks.insert(1, ("p", f"⚠ small: fewer than {SMALL_SUBGROUP} cases (groups); its "
+                               "metrics are too noisy to compare. \"not recorded\": the "
+                               "column is empty or a missing value for those rows."))
     return blocks
 
 

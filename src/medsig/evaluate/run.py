@@ -39,6 +39,7 @@ from medsig.metrics.classification import nanmean
 TASKS = ("classification", "retrieval", "zeroshot", "clustering")
 CACHE_VERSION = 2
 TSNE_POINTS = 2000
+NOT_RECORDED = "not recorded"  # a subgroup / colour value that is missing in the table
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -202,7 +203,8 @@ def model_outputs(name: str, path: str, col: Collection, cache_dir: Path | None,
 def _ci(fn: Callable[..., float], arrays: tuple, groups: np.ndarray, n_boot: int, seed: int,
         bias_correct: bool = False) -> dict[str, Any]:
     """Percentile group-bootstrap CI; with ``bias_correct`` the interval is shifted by the
-    bootstrap bias (mean of the resamples - point estimate)."""
+    bootstrap bias (mean of the resamples - point estimate) and clipped to [0, 1], the range
+    of the one such statistic (NMI)."""
     values: list[float] = []
 
     def recording(*a: np.ndarray) -> float:
@@ -218,7 +220,8 @@ def _ci(fn: Callable[..., float], arrays: tuple, groups: np.ndarray, n_boot: int
         bias = nanmean(values[1:]) - res["point"]
         if math.isfinite(bias):
             res.update(bias=bias, low_uncorrected=res["low"], high_uncorrected=res["high"],
-                       low=res["low"] - bias, high=res["high"] - bias)
+                       low=min(max(res["low"] - bias, 0.0), 1.0),
+                       high=min(max(res["high"] - bias, 0.0), 1.0))
     return res
 
 
@@ -268,7 +271,7 @@ def subgroup_tables(col: Collection, columns: Sequence[str], hl: Headlines
     missing = set(col.spec.missing_values)
     for column in columns:
         raw = [str(v).strip() for v in col.frame[column].tolist()]
-        values = np.array(["MISSING" if v in missing or v.lower() == "nan" else v
+        values = np.array([NOT_RECORDED if v in missing or v.lower() == "nan" else v
                            for v in raw], dtype=object)
         table: dict[str, Any] = {"counts": {}, "groups": {}, "metrics": {}}
         for v in sorted(set(values.tolist())):
@@ -311,7 +314,7 @@ def _tsne(col: Collection, outputs: dict[str, ModelOutputs], seed: int) -> dict[
     if colour is not None:
         cls = primary_class(col, colour)[idx]
         names = col.labels[colour].classes
-        values = [names[c] if c >= 0 else "MISSING" for c in cls.tolist()]
+        values = [names[c] if c >= 0 else NOT_RECORDED for c in cls.tolist()]
     else:
         values = ["all"] * len(idx)
     res: dict[str, Any] = {"label": colour, "values": values, "models": {}}

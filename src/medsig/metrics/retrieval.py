@@ -1,9 +1,14 @@
 """Image <-> text retrieval metrics over the whole pool, zero-shot scores, distractor accuracy.
 
-Ranks are computed block by block (never the n x n matrix): the rank of a query's first
-positive is 1 + the number of non-positive items scoring strictly higher than its best
-positive. One similarity block serves both directions (rows: image->text, columns:
-text->image). Embeddings are L2-normalised here when they are not already.
+Ranks are computed block by block (never the n x n matrix). **Ties count against the
+query**: the rank of a query's first positive is 1 + the number of non-positive items
+scoring *at least* as high as its best positive (within ``TIE_TOL``, the float32 rounding of
+a cosine computed in two different blocks). A model whose embeddings collapsed to one
+vector thus ranks every positive last (Recall@1 = 0, at or below chance), never first; a
+"strictly higher" rule would give it Recall@1 = 1. The same rule serves the global and the
+batch-wise recall, and so training's validation recall (``train/contrastive.py``).
+One similarity block serves both directions (rows: image->text, columns: text->image).
+Embeddings are L2-normalised here when they are not already.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from medsig.data.vectors import normalize
 from medsig.errors import ConfigError, DataError
 
 _BLOCK_ELEMS = 1 << 22  # CPU block of ~16 MB keeps the compare / count passes in cache
+TIE_TOL = 1e-5  # cosines this close to the best positive are ties (counted against it)
 
 
 def _device(device: Any, *arrays: Any) -> torch.device:
@@ -110,14 +116,14 @@ def retrieval_ranks(image_emb: Any, text_emb: Any, positives: Any = None,
             s = (a[r0:r1] @ b[c0:c1].T).masked_fill_(~pos, -torch.inf)
             torch.maximum(best_i[r0:r1], s.amax(1), out=best_i[r0:r1])
             torch.maximum(best_t[c0:c1], s.amax(0), out=best_t[c0:c1])
-    # pass 2: count non-positives scoring strictly above the best positive
+    # pass 2: count non-positives scoring at least the best positive (ties: against)
     cnt_i = torch.zeros(n_i, dtype=torch.int64, device=dev)
     cnt_t = torch.zeros(n_t, dtype=torch.int64, device=dev)
     sbuf = torch.empty(rows * cols, device=dev)
     mbuf = torch.empty(rows * cols, dtype=torch.bool, device=dev)
     for r0 in range(0, n_i, rows):
         r1 = min(r0 + rows, n_i)
-        a_r, b_r, g_r = a[r0:r1], best_i[r0:r1, None], gi_s[r0:r1]
+        a_r, b_r, g_r = a[r0:r1], best_i[r0:r1, None] - TIE_TOL, gi_s[r0:r1]
         for c0 in range(0, n_t, cols):
             c1 = min(c0 + cols, n_t)
             shape = (r1 - r0, c1 - c0)
@@ -125,11 +131,11 @@ def retrieval_ranks(image_emb: Any, text_emb: Any, positives: Any = None,
             m = mbuf[: shape[0] * shape[1]].view(shape)
             overlap = g_r[-1] >= 0 and g_r[-1] >= gt_s[c0] and gt_s[c1 - 1] >= g_r[0]
             notpos = ti[r0:r1, None] != tt[None, c0:c1] if overlap else None
-            torch.gt(s, b_r, out=m)
+            torch.ge(s, b_r, out=m)
             if notpos is not None:
                 m.logical_and_(notpos)
             cnt_i[r0:r1] += m.view(torch.uint8).sum(1, dtype=torch.int32)
-            torch.gt(s, best_t[None, c0:c1], out=m)
+            torch.ge(s, best_t[None, c0:c1] - TIE_TOL, out=m)
             if notpos is not None:
                 m.logical_and_(notpos)
             cnt_t[c0:c1] += m.view(torch.uint8).sum(0, dtype=torch.int32)
@@ -196,7 +202,7 @@ def batchwise_recall(image_emb: Any, text_emb: Any, batch_size: int = 32,
         pos = (g_i[:, :, None] == g_t[:, None, :]) & (g_i[:, :, None] >= 0)
         masked = s.masked_fill(~pos, -torch.inf)
         for best, dim in ((masked.amax(2), 2), (masked.amax(1), 1)):
-            above = (s > best.unsqueeze(dim)) & ~pos
+            above = (s >= best.unsqueeze(dim) - TIE_TOL) & ~pos
             r = torch.where(torch.isfinite(best), above.sum(dim) + 1, -1)
             (ranks_i if dim == 2 else ranks_t).append(r.reshape(-1).cpu().numpy())
     ri = np.concatenate(ranks_i) if ranks_i else np.zeros(0, np.int64)

@@ -22,6 +22,7 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from medsig.data.images import RootedPath, inside_root
 from medsig.errors import ConfigError, ImageError, MedsigError
 from medsig.index.store import point_id
 from medsig.serve import schemas as S
@@ -298,8 +299,12 @@ def _add_routes(app: FastAPI, state: ServeState, auth: list) -> None:  # noqa: C
             pid = point_id(case_id)
         point = await asyncio.get_running_loop().run_in_executor(
             state.store_executor, partial(state.store.get, pid, False))
-        path = None if point is None else resolve_image(state.image_root,
-                                                        (point.payload or {}).get("image"))
+        rel = None if point is None else (point.payload or {}).get("image")
+        path = None if point is None else resolve_image(state.image_root, rel)
+        if path is None and isinstance(rel, str) and rel and "\x00" not in rel \
+                and not inside_root(state.image_root / rel, state.image_root):
+            raise ApiError(403, "outside_root", f"the image of case '{case_id[:80]}' lies "
+                                                "outside the server's image root")
         if path is None:
             raise ApiError(404, "not_found", f"no image for case '{case_id[:80]}'")
         data = await run_in_threadpool(_thumbnail, state, path)
@@ -350,9 +355,12 @@ def _thumbnail(state: ServeState, path: Path) -> bytes:
 
     side = state.settings.thumbnail_size
     try:
-        image = load_image(path, max_pixels=state.settings.max_pixels, draft_size=side)
+        image = load_image(RootedPath.under(state.image_root or path.parent, path),
+                           max_pixels=state.settings.max_pixels, draft_size=side)
     except ImageError as exc:
-        raise ApiError(404, "not_found", f"case image unavailable ({exc.reason})") from None
+        err = ApiError.from_image_error(exc) if exc.reason == "outside_root" else None
+        raise err or ApiError(404, "not_found", f"case image unavailable ({exc.reason})"
+                              ) from None
     image.thumbnail((side, side))
     out = BytesIO()
     image.save(out, format="JPEG", quality=85)

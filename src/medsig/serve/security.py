@@ -28,7 +28,8 @@ FORM_OVERHEAD = 1024 * 1024  # room for boundaries, headers and small fields bes
 # status and code of each ImageError reason
 IMAGE_ERRORS = {"empty": (400, "empty"), "truncated": (400, "truncated"),
                 "not_an_image": (415, "not_an_image"), "too_large": (413, "too_large"),
-                "unreadable": (400, "unreadable"), "missing": (422, "missing_field")}
+                "unreadable": (400, "unreadable"), "missing": (422, "missing_field"),
+                "not_a_file": (404, "not_found"), "outside_root": (403, "outside_root")}
 
 
 class ApiError(Exception):

@@ -1,8 +1,11 @@
 """Resumable training state: trainable weights, optimizer, scheduler, scaler, RNG, counters.
 
 A checkpoint folder holds `trainable.safetensors`, `optimizer.pt`, `scheduler.pt`,
-`scaler.pt` (fp16 only), `rng.pt` and `state.json`. Writes go to a temp folder that then
-replaces the old one, so an interrupted save never leaves a half-written checkpoint.
+`scaler.pt` (fp16 only), `rng.json` + `rng.safetensors` and `state.json`. Writes go to a temp
+folder that then replaces the old one, so an interrupted save never leaves a half-written
+checkpoint. Nothing is unpickled on resume: the `.pt` state dicts load with
+``torch.load(weights_only=True)`` (tensors and plain containers only), the RNG states are
+JSON and safetensors, and a file holding anything else is refused with a ConfigError.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from medsig.train.adapt import load_trainable_state, trainable_state
 
 STATE = "state.json"
 WEIGHTS = "trainable.safetensors"
+RNG_JSON, RNG_TENSORS = "rng.json", "rng.safetensors"
 
 
 def rng_state() -> dict[str, Any]:
@@ -39,6 +43,51 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_rng(folder: Path) -> None:
+    """The RNG states as JSON (python, numpy) and safetensors (torch, cuda)."""
+    state = rng_state()
+    version, internal, gauss = state["python"]
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    (folder / RNG_JSON).write_text(json.dumps({
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]}))
+    tensors = {"torch": state["torch"]}
+    tensors.update({f"cuda.{i}": t for i, t in enumerate(state.get("cuda", []))})
+    save_file({k: v.contiguous() for k, v in tensors.items()}, folder / RNG_TENSORS)
+
+
+def load_rng(folder: Path) -> dict[str, Any]:
+    """The state saved by save_rng (ConfigError if the files are malformed)."""
+    try:
+        raw = json.loads((folder / RNG_JSON).read_text())
+        tensors = load_file(str(folder / RNG_TENSORS))
+        version, internal, gauss = raw["python"]
+        kind, keys, pos, has_gauss, cached = raw["numpy"]
+        state: dict[str, Any] = {
+            "python": (int(version), tuple(int(x) for x in internal), gauss),
+            "numpy": (str(kind), np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss),
+                      float(cached)),
+            "torch": tensors["torch"]}
+    except (ValueError, KeyError, TypeError, OSError) as exc:
+        raise ConfigError(f"unreadable RNG state ({type(exc).__name__}: {str(exc)[:80]})",
+                          file=folder / RNG_JSON) from None
+    cuda = sorted((k for k in tensors if k.startswith("cuda.")), key=lambda k: int(k[5:]))
+    if cuda:
+        state["cuda"] = [tensors[k] for k in cuda]
+    return state
+
+
+def load_plain(file: Path, map_location: Any = None) -> Any:
+    """``torch.load`` that never unpickles code: tensors and plain containers only."""
+    try:
+        return torch.load(file, map_location=map_location, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - UnpicklingError, RuntimeError, EOFError ...
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise ConfigError("refused to load: not plain tensor data (a checkpoint file must "
+                          f"not hold code; delete the checkpoint to start over): {first}",
+                          file=file) from None
 
 
 def _swap_in(tmp: Path, path: Path, previous: Path | None = None) -> None:
@@ -88,7 +137,7 @@ def save_checkpoint(path: Path, *, model: nn.Module, optimizer: Any, scheduler: 
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     if scaler is not None:
         torch.save(scaler.state_dict(), tmp / "scaler.pt")
-    torch.save(rng_state(), tmp / "rng.pt")
+    save_rng(tmp)
     (tmp / STATE).write_text(json.dumps(state, indent=1, default=str))
     _swap_in(tmp, path, previous_of(path))
 
@@ -125,16 +174,23 @@ def load_checkpoint(path: Path, *, model: nn.Module, optimizer: Any, scheduler: 
                     scaler: Any | None) -> dict[str, Any]:
     """Restore a checkpoint written by save_checkpoint; returns its state dict."""
     path = Path(path)
-    needed = [WEIGHTS, "optimizer.pt", "scheduler.pt", "rng.pt", STATE]
+    needed = [WEIGHTS, "optimizer.pt", "scheduler.pt", RNG_JSON, RNG_TENSORS, STATE]
     absent = [n for n in needed if not (path / n).is_file()]
     if absent:
-        raise ConfigError(f"incomplete checkpoint (missing {', '.join(absent)})", file=path)
-    load_trainable_state(model, load_file(str(path / WEIGHTS)))
+        old = " (written by an older medsig with a pickled rng.pt, which is not loaded: " \
+              "start over without --resume)" if (path / "rng.pt").is_file() else ""
+        raise ConfigError(f"incomplete checkpoint (missing {', '.join(absent)}){old}",
+                          file=path)
     device = next(model.parameters()).device
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device,
-                                         weights_only=False))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-    if scaler is not None and (path / "scaler.pt").is_file():
-        scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=False))
-    set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+    optim_state = load_plain(path / "optimizer.pt", device)
+    sched_state = load_plain(path / "scheduler.pt")
+    scaler_state = load_plain(path / "scaler.pt") \
+        if scaler is not None and (path / "scaler.pt").is_file() else None
+    rng = load_rng(path)
+    load_trainable_state(model, load_file(str(path / WEIGHTS)))
+    optimizer.load_state_dict(optim_state)
+    scheduler.load_state_dict(sched_state)
+    if scaler_state is not None:
+        scaler.load_state_dict(scaler_state)
+    set_rng_state(rng)
     return json.loads((path / STATE).read_text())
