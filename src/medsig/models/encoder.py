@@ -70,6 +70,8 @@ class Encoder:
         from transformers import AutoConfig, AutoImageProcessor
 
         name = str(name_or_path)
+        if is_adapter_folder(name):  # a LoRA adapter: its base + the adapter, merged
+            return load_adapter(cls, name, device, preprocess, dtype)
         device = select_device(device)
         source = resolve_cached(name)
         from transformers.utils import logging as hf_logging
@@ -208,3 +210,29 @@ class Encoder:
     def __repr__(self) -> str:
         return (f"Encoder({self.name!r}, kind={self.kind}, image_size={self.image_size}, "
                 f"dim={self.embed_dim}, device={self.device})")
+
+
+def is_adapter_folder(name: str) -> bool:
+    """A peft LoRA adapter folder (adapter_config.json, no full model config)."""
+    folder = Path(name)
+    return (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file()
+
+
+def load_adapter(cls: type[Encoder], folder: str, device: Any, preprocess: str,
+                 dtype: torch.dtype | None) -> Encoder:
+    """The adapter's base model (hub id or folder-relative path in adapter_config.json) with
+    the LoRA weights merged in; the folder's own processor and tokenizer when present."""
+    from peft import PeftModel
+
+    from medsig.models.artifact import adapter_base
+
+    base = adapter_base(folder)
+    encoder = cls.load(str(base), device=device, preprocess=preprocess, dtype=dtype)
+    try:
+        model = PeftModel.from_pretrained(encoder.model, folder)
+    except _LOAD_ERRORS as exc:
+        raise ConfigError(f"cannot load the LoRA adapter in '{folder}': {_first_line(exc)}"
+                          ) from None
+    encoder.model = model.merge_and_unload().to(encoder.device).eval()
+    encoder.name = folder
+    return encoder

@@ -20,7 +20,7 @@ from medsig.data.collection import Collection
 from medsig.errors import ConfigError
 from medsig.metrics.classification import roc_auc
 from medsig.models.encoder import resolve_cached
-from medsig.models.heads import Head
+from medsig.models.heads import Head, heads_for
 from medsig.train.adapt import adapt_model, export_model
 from medsig.train.config import TrainConfig
 from medsig.train.data import Batch, TrainData, step_batches
@@ -28,15 +28,11 @@ from medsig.train.losses import masked_bce_loss, pos_weight_from_targets
 
 
 def build_heads(collection: Collection, labels: list[str]) -> list[Head]:
-    heads, offset = [], 0
+    """The heads of ``labels`` (one after another), ConfigError for a label without class."""
     for name in labels:
-        lab = collection.labels[name]
-        size = 1 if lab.kind == "binary" else len(lab.classes)
-        if size == 0:
+        if not collection.labels[name].classes:
             raise ConfigError(f"label '{name}' has no class to classify")
-        heads.append(Head(name, lab.kind, list(lab.classes), offset, size))
-        offset += size
-    return heads
+    return heads_for(collection.labels[name] for name in labels)
 
 
 def bce_targets(collection: Collection, heads: list[Head]) -> tuple[np.ndarray, list[int]]:
