@@ -366,3 +366,32 @@ def adapter_base(folder: str | Path) -> str:
     raise ConfigError(f"the LoRA adapter's base model '{base}' is not found: put it back, or "
                       "set base_model_name_or_path in adapter_config.json to its hub id or "
                       "folder", file=path)
+
+
+PROCESSOR_MODULE = "image_processing_medsig.py"
+
+
+def write_image_processor(folder: str | Path, pre: Preprocessing) -> Path:
+    """Save the image processor that reproduces ``pre`` in plain transformers
+    (``AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)``): medsig's
+    ``hf_image_processor.py`` copied as ``image_processing_medsig.py`` and a
+    ``preprocessor_config.json`` naming it in ``auto_map``."""
+    import shutil
+
+    from medsig.models import hf_image_processor
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(hf_image_processor.__file__, folder / PROCESSOR_MODULE)
+    config = {
+        "image_processor_type": "MedsigImageProcessor",
+        "auto_map": {"AutoImageProcessor": "image_processing_medsig.MedsigImageProcessor"},
+        "pad_to_square": pre.mode == "pad", "size": {"height": pre.size, "width": pre.size},
+        "resample": 3 if pre.resample is None else pre.resample, "do_resize": True,
+        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+        "image_mean": pre.mean, "image_std": pre.std, "do_convert_rgb": True,
+        "do_center_crop": False,
+    }
+    path = folder / "preprocessor_config.json"
+    path.write_text(json.dumps(config, indent=2) + "\n")
+    return path

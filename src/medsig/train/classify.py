@@ -235,8 +235,13 @@ class ClassifyObjective:
 
     def save(self, out_dir: Path, val_batches: Iterable[Batch]) -> dict[str, Any]:
         heads = self.thresholds(val_batches)
+        from medsig.models.artifact import Preprocessing, write_image_processor
+
         export_model(self.model, out_dir, merge=True)
-        self.processor.save_pretrained(out_dir)
+        if self.preprocess.mode == "processor":
+            self.processor.save_pretrained(out_dir)
+        else:  # plain transformers reproduces medsig's pad / resize exactly
+            write_image_processor(out_dir, Preprocessing.of(self.preprocess))
         return {"heads": heads, "prompts": {}, "image_size": self.image_size}
 
 
