@@ -45,6 +45,19 @@ def resolve_cached(name: str) -> str:
     return str(Path(cached).parent) if isinstance(cached, str) else name
 
 
+def load_image_processor(source: str) -> Any:
+    """``AutoImageProcessor`` of a hub id or folder; a medsig classifier folder's own
+    processor (``hf_image_processor``, named in its auto_map) without running its copy."""
+    from transformers import AutoImageProcessor
+
+    config = Path(source) / "preprocessor_config.json"
+    if config.is_file() and "MedsigImageProcessor" in config.read_text():
+        from medsig.models.hf_image_processor import MedsigImageProcessor
+
+        return MedsigImageProcessor.from_pretrained(source)
+    return AutoImageProcessor.from_pretrained(source)
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0][:200] if text else type(exc).__name__
@@ -67,7 +80,7 @@ class Encoder:
     def load(cls, name_or_path: str | Path, device: str | torch.device | None = None,
              preprocess: str = "pad", dtype: torch.dtype | None = None) -> Encoder:
         """Load ``name_or_path`` (hub id or folder); fp32 on CPU, bf16/fp16 on GPU."""
-        from transformers import AutoConfig, AutoImageProcessor
+        from transformers import AutoConfig
 
         name = str(name_or_path)
         if is_adapter_folder(name):  # a LoRA adapter: its base + the adapter, merged
@@ -101,7 +114,7 @@ class Encoder:
                 from transformers import AutoModel
 
                 model = AutoModel.from_pretrained(source, dtype=dtype)
-            image_processor = AutoImageProcessor.from_pretrained(source)
+            image_processor = load_image_processor(source)
         except _LOAD_ERRORS as exc:
             raise ConfigError(f"cannot load model '{name}': {_first_line(exc)}") from None
         has_text = hasattr(model, "get_text_features") and not classifier

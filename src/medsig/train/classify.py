@@ -81,9 +81,8 @@ class ClassifyObjective:
     name = "classify"
 
     def __init__(self, cfg: TrainConfig, data: TrainData, accelerator: Any) -> None:
-        from transformers import AutoImageProcessor
-
         from medsig.data.transforms import Preprocess
+        from medsig.models.encoder import load_image_processor
 
         if not data.labels:
             raise ConfigError("objective 'classify' needs labels; the spec defines none",
@@ -99,7 +98,7 @@ class ClassifyObjective:
             raise ConfigError(f"eval.thresholds: {', '.join(unknown)} is not a trained label "
                               f"(labels: {', '.join(data.labels)})")
         try:
-            self.processor = AutoImageProcessor.from_pretrained(resolve_cached(cfg.model))
+            self.processor = load_image_processor(resolve_cached(cfg.model))
         except (OSError, ValueError) as exc:
             raise ConfigError(f"no image processor for '{cfg.model}': "
                               f"{str(exc).splitlines()[0]}") from None
