@@ -172,8 +172,9 @@ def test_predict_matches_the_model_and_thresholds(live, env) -> None:
             t = h["thresholds"][0]
             assert lab["threshold"] == pytest.approx(t)
             assert lab["decision"] == h["classes"][int(lab["probability"] >= t)]
-            assert f"{lab['name']}: {lab['decision']} (p={lab['probability']:.2f}" \
-                in body["summary"]
+            assert lab["probability_of"] == h["classes"][1]  # always P(positive state)
+            assert f"{lab['name']}: {lab['decision']} (P({h['classes'][1]}) = " \
+                f"{lab['probability']:.2f}" in body["summary"]
         elif lab["kind"] == "multiclass":
             assert sum(probs) == pytest.approx(1.0, abs=1e-3)
             assert lab["decision"] == h["classes"][int(np.argmax(probs))]

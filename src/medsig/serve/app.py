@@ -28,7 +28,7 @@ from medsig.index.store import point_id
 from medsig.serve import schemas as S
 from medsig.serve.security import ApiError, Upload, api_key_dependency, read_upload, sniff_image
 from medsig.serve.state import ServeSettings, ServeState, load_state, resolve_image, scrub_paths
-from medsig.serve.summary import decide, summarize
+from medsig.serve.summary import head_info, label_results, summarize
 
 log = logging.getLogger("medsig.serve")
 STATIC = Path(__file__).parent / "static"
@@ -198,7 +198,7 @@ def _add_routes(app: FastAPI, state: ServeState, auth: list) -> None:  # noqa: C
              responses=ERRORS, tags=["model"])
     async def labels() -> S.LabelsResponse:
         """The model's heads: classes (readable states) and saved thresholds."""
-        return S.LabelsResponse(model=state.model, heads=[h.info() for h in state.heads])
+        return S.LabelsResponse(model=state.model, heads=[head_info(h) for h in state.heads])
 
     @app.post("/v1/predict", response_model=S.PredictResponse, dependencies=auth,
               responses=ERRORS, tags=["model"],
@@ -211,7 +211,7 @@ def _add_routes(app: FastAPI, state: ServeState, auth: list) -> None:  # noqa: C
         pixels, fmt, decode_ms = await _pixels(state, data, predictor.preprocess, size)
         batcher = state.batcher("predict", predictor.predict_pixels)
         probs, info = await batcher.submit(pixels)
-        results = decide(state.heads, np.asarray(probs))
+        results = label_results(state.heads, np.asarray(probs))
         return S.PredictResponse(
             model=state.model, labels=results,
             summary=summarize(results, state.model.name, state.model.version),
