@@ -182,15 +182,20 @@ def embed(
     model: str = typer.Option(..., help="Hub id or local folder."),
     store: str = typer.Option("runs/qdrant", help="Qdrant local path or http(s) URL."),
     collection: str | None = typer.Option(None, help="Collection name (default: spec name)."),
-    batch_size: int = typer.Option(64, help="Images per batch."),
+    batch_size: int | None = typer.Option(
+        None, help="Images per batch (default: 256 on CUDA, 64 otherwise)."),
     limit: int | None = typer.Option(None, help="Only the first N rows."),
     device: str | None = typer.Option(None, help="auto | cpu | cuda | mps"),
+    precision: str = typer.Option("auto", help="auto (bf16 on CUDA, fp16 without bf16, fp32 "
+                                   "on CPU) | fp32 | bf16 | fp16."),
     workers: int | None = typer.Option(None, help="Image decoding workers."),
     recreate: bool = typer.Option(False, help="Drop the collection first."),
 ) -> None:
     """Embed every image (and its text) into Qdrant with all metadata; resumable."""
     from medsig.index.runner import embed_collection
+    from medsig.models.device import inference_settings
 
+    batch_size = inference_settings(precision, batch_size, device)
     report = embed_collection(spec, model, store, collection, batch_size, limit, device,
                               workers, recreate)
     _print_embed_report(report)
