@@ -6,9 +6,10 @@ uint8 batch) is drained by a model that does nothing, on:
   (b) 1-4 megapixel JPEG photos (quality 90), decoded at a reduced scale (draft);
 with 0 workers (the main process: one core), 1 and 2 DataLoader workers. Per core =
 images per CPU-second of the main process and its workers together (psutil), which stays
-meaningful on a busy shared machine where wall-clock rates do not. Also the single-core cost of each stage (ms per image) and the
-float32 path (normalise on the CPU, as before) for comparison. Goal: >= 400 img/s per core
-on 224 px images (16 cores then feed ~6,400 img/s). See docs/gpu.md for cores per GPU.
+meaningful on a busy shared machine where wall-clock rates do not. Also the CPU cost of
+each stage (ms per image) and the float32 path (normalise on the CPU, as before) for
+comparison. Goal: >= 400 img/s per core on 224 px images (16 cores then feed ~6,400
+img/s). See docs/gpu.md for the cores each GPU needs.
 
     .venv/bin/python bench/pipeline.py [--n224 800] [--nphoto 120] [--out results/p.json]
 """
@@ -123,8 +124,8 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    results: dict = {"note": "per core = images per CPU-second (main + workers); wall img/s depends on the machine load",
-                     "runs": []}
+    results: dict = {"note": "per core = images per CPU-second (main + workers); wall "
+                             "img/s depends on the machine load", "runs": []}
     with tempfile.TemporaryDirectory() as tmp:
         sets = make_images(Path(tmp), args.n224, args.nphoto)
         for name, paths in sets.items():
