@@ -43,6 +43,8 @@ SHAPES: dict[str, dict[str, Any]] = {
                        "hidden": 768, "inter": 3072, "layers": 12, "heads": 12},
     "medsiglip-448": {"hub": "google/medsiglip-448", "image": 448, "patch": 14,
                       "hidden": 1152, "inter": 4304, "layers": 27, "heads": 16},
+    "small": {"hub": None, "image": 96, "patch": 16, "hidden": 256, "inter": 1024,
+              "layers": 4, "heads": 4},  # CPU figures
     "tiny": {"hub": None, "image": 32, "patch": 8, "hidden": 64, "inter": 256, "layers": 2,
              "heads": 4},
 }
@@ -149,14 +151,22 @@ def ceiling(folder: Path, shape: dict, device: torch.device, dtype: torch.dtype,
     return {"image_per_s": img, "text_per_s": txt, "pairs_per_s": 1 / (1 / img + 1 / txt)}
 
 
-def raw_train_step(folder: Path, shape: dict, device: torch.device, batch: int, steps: int
-                   ) -> float:
-    """Pairs/s of forward + backward + AdamW (fused on CUDA), sigmoid loss, bf16 autocast."""
-    from transformers import AutoModel
+CAUSES = ("plain step", "+ fused AdamW (CUDA) / foreach (CPU)", "+ clip_grad_norm_ 1.0",
+          "+ cosine scheduler", "+ loss.item() every step")
+
+
+def raw_train_step(folder: Path, shape: dict, device: torch.device, batch: int, steps: int,
+                   causes: int = 1) -> float:
+    """Pairs/s of forward + backward + AdamW, sigmoid loss, bf16 autocast on CUDA, with the
+    first `causes` of CAUSES (1: the plain step with fused AdamW on CUDA, 2: + ... )."""
+    from transformers import AutoModel, get_cosine_schedule_with_warmup
 
     model = AutoModel.from_pretrained(folder, dtype=torch.float32,
                                       attn_implementation="sdpa").to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
+    fast = ({"fused": True} if device.type == "cuda" else {"foreach": True}) \
+        if causes >= 2 else ({"fused": True} if device.type == "cuda" else {})
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, **fast)
+    sched = get_cosine_schedule_with_warmup(opt, 2, 10_000)
     x = torch.randn(batch, 3, shape["image"], shape["image"], device=device)
     ids = torch.randint(4, 1000, (batch, TEXT_LEN), device=device)
     labels = 2 * torch.eye(batch, device=device) - 1
@@ -169,11 +179,23 @@ def raw_train_step(folder: Path, shape: dict, device: torch.device, batch: int, 
             logits = img @ txt.T * model.logit_scale.exp() + model.logit_bias
         loss = -F.logsigmoid(labels * logits.float()).sum() / batch
         loss.backward()
+        if causes >= 3:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        if causes >= 4:
+            sched.step()
         opt.zero_grad(set_to_none=True)
+        if causes >= 5:
+            loss.item()
 
-    out = rate(step, batch, steps, device)
-    return out
+    return rate(step, batch, steps, device)
+
+
+def step_causes(folder: Path, shape: dict, device: torch.device, batch: int, steps: int
+                ) -> dict[str, float]:
+    """The raw step with each of medsig's per-step extras added in turn (pairs/s)."""
+    return {name: raw_train_step(folder, shape, device, batch, steps, causes=i + 1)
+            for i, name in enumerate(CAUSES)}
 
 
 def fidelity(folder: Path, spec: Path, device: torch.device, n: int = 64) -> dict[str, float]:
@@ -283,8 +305,9 @@ def run_shape(name: str, args: argparse.Namespace, work: Path, device: torch.dev
 
     res["ceiling"] = timed("ceiling", ceiling, folder, shape, device, dtype, args.batch,
                            args.iters)
-    res["raw_train_pairs_s"] = timed("raw_train", raw_train_step, folder, shape, device,
-                                     args.train_batch, args.iters)
+    res["step_causes"] = timed("raw_train", step_causes, folder, shape, device,
+                               args.train_batch, args.iters)
+    res["raw_train_pairs_s"] = res["step_causes"][CAUSES[0]]
     res["pipeline_img_s"] = timed("pipeline", pipeline_capacity, spec, shape["image"],
                                   args.workers, args.batch)
     res["fidelity"] = timed("fidelity", fidelity, folder, spec, device, min(64, n))
@@ -319,6 +342,8 @@ def table(res: dict[str, Any]) -> list[str]:
              f"{'contrastive train step (pairs/s)':<44}{res['raw_train_pairs_s']:>15.1f}"
              f"{m['train']['pairs_per_s']:>12.1f}"
              f"{ratio(m['train']['pairs_per_s'], res['raw_train_pairs_s']):>8.2f}"]
+    lines += [f"  raw step {k:<38}{v:>15.1f}{'':>12}{ratio(v, res['raw_train_pairs_s']):>8.2f}"
+              for k, v in res["step_causes"].items()]
     res["ratios"] = {"embed": ratio(m["embed_img_s"], bound),
                      "eval_pass": ratio(m["arrays_img_s"], bound),
                      "train": ratio(m["train"]["pairs_per_s"], res["raw_train_pairs_s"]),
