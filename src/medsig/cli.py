@@ -260,9 +260,11 @@ def demo(out: Path = typer.Option(Path("runs/demo"), help="Output folder."),
 
 def main() -> None:
     """Entry point: user errors become one red line and exit code 2."""
-    from transformers.utils import logging as hf_logging
+    import os
 
-    hf_logging.disable_progress_bar()  # "Loading weights" bars on every model load
+    # no "Loading weights" bar on every model load; an environment default rather than
+    # transformers' switch, so that `medsig --help` does not import transformers
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         app()
     except MedsigError as exc:

@@ -10,8 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from medsig.errors import ConfigError
-from medsig.evaluate.report import fmt
-from medsig.evaluate.run import TASKS
+from medsig.evaluate import TASKS
 
 
 def parse_models(items: list[str] | None) -> dict[str, str]:
@@ -56,6 +55,8 @@ def short_name(metric: str) -> str:
 
 
 def _cell(r: dict[str, Any] | None) -> str:
+    from medsig.evaluate.report import fmt
+
     if not r or r.get("point") is None:
         return "–"
     if r.get("low") is None or r.get("high") is None:

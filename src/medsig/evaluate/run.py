@@ -22,6 +22,7 @@ import numpy as np
 from medsig.data.collection import Collection, load_collection
 from medsig.data.duplicates import DEFAULT_THRESHOLD, cross_split_duplicates
 from medsig.errors import ConfigError, DataError
+from medsig.evaluate import TASKS  # re-exported: medsig.evaluate.run.TASKS
 from medsig.evaluate.bootstrap import bootstrap_ci, paired_bootstrap
 from medsig.evaluate.leakage import leakage_report
 from medsig.evaluate.tasks import (
@@ -36,7 +37,6 @@ from medsig.evaluate.tasks import (
 )
 from medsig.metrics.classification import nanmean
 
-TASKS = ("classification", "retrieval", "zeroshot", "clustering")
 CACHE_VERSION = 2
 TSNE_POINTS = 2000
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
