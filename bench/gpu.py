@@ -137,8 +137,9 @@ def rate(fn, n_items: int, iters: int, device: torch.device, warmup: int = 2) ->
 
 
 def ceiling(folder: Path, shape: dict, device: torch.device, dtype: torch.dtype, batch: int,
-            iters: int) -> dict[str, float]:
-    """Plain transformers forward on ready device tensors (no medsig code)."""
+            iters: int, compile_too: bool = False) -> dict[str, float]:
+    """Plain transformers forward on ready device tensors (no medsig code); with
+    `compile_too` also the image tower under ``torch.compile`` (compile time excluded)."""
     from transformers import AutoModel
 
     model = AutoModel.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa")
@@ -148,7 +149,17 @@ def ceiling(folder: Path, shape: dict, device: torch.device, dtype: torch.dtype,
     with torch.inference_mode():
         img = rate(lambda: model.get_image_features(pixel_values=x), batch, iters, device)
         txt = rate(lambda: model.get_text_features(input_ids=ids), batch, iters, device)
-    return {"image_per_s": img, "text_per_s": txt, "pairs_per_s": 1 / (1 / img + 1 / txt)}
+    out = {"image_per_s": img, "text_per_s": txt, "pairs_per_s": 1 / (1 / img + 1 / txt)}
+    if compile_too:
+        vision = torch.compile(model.vision_model)
+        with torch.inference_mode():
+            t = time.perf_counter()
+            vision(pixel_values=x)
+            sync(device)
+            out["compile_s"] = time.perf_counter() - t
+            out["image_per_s_compiled"] = rate(lambda: vision(pixel_values=x), batch, iters,
+                                               device)
+    return out
 
 
 CAUSES = ("plain step", "+ fused AdamW (CUDA) / foreach (CPU)", "+ clip_grad_norm_ 1.0",
@@ -304,7 +315,7 @@ def run_shape(name: str, args: argparse.Namespace, work: Path, device: torch.dev
         return value
 
     res["ceiling"] = timed("ceiling", ceiling, folder, shape, device, dtype, args.batch,
-                           args.iters)
+                           args.iters, args.compile)
     res["step_causes"] = timed("raw_train", step_causes, folder, shape, device,
                                args.train_batch, args.iters)
     res["raw_train_pairs_s"] = res["step_causes"][CAUSES[0]]
@@ -331,6 +342,9 @@ def table(res: dict[str, Any]) -> list[str]:
              f"{f['image_cos_min']:.5f}, text min {f['text_cos_min']:.5f})",
              f"{'what':<44}{'plain PyTorch':>15}{'medsig':>12}{'ratio':>8}",
              f"{'image tower forward (img/s)':<44}{c['image_per_s']:>15.1f}",
+             *([f"{'image tower, torch.compile (img/s)':<44}{c['image_per_s_compiled']:>15.1f}"
+                f"{'':>12}{ratio(c['image_per_s_compiled'], c['image_per_s']):>8.2f}"]
+               if "image_per_s_compiled" in c else []),
              f"{'text tower forward (texts/s)':<44}{c['text_per_s']:>15.1f}",
              f"{'both towers (pairs/s)':<44}{c['pairs_per_s']:>15.1f}",
              f"{'input pipeline, null model (img/s)':<44}{'':>15}"
@@ -364,6 +378,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--train-steps", type=int, default=16)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--workers", type=int, default=None)
+    ap.add_argument("--compile", action="store_true",
+                    help="also time the image tower under torch.compile (is it worth a flag?)")
     args = ap.parse_args(argv)
     if args.smoke:
         args.shapes, args.n_images, args.batch, args.train_batch = "tiny", 48, 16, 8
