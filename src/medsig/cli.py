@@ -153,15 +153,20 @@ def embed(
     model: str = typer.Option(..., help="Hub id or local folder."),
     store: str = typer.Option("runs/qdrant", help="Qdrant local path or http(s) URL."),
     collection: str | None = typer.Option(None, help="Collection name (default: spec name)."),
-    batch_size: int = typer.Option(64, help="Images per batch."),
+    batch_size: int | None = typer.Option(
+        None, help="Images per batch (default: 256 on CUDA, 64 otherwise)."),
     limit: int | None = typer.Option(None, help="Only the first N rows."),
     device: str | None = typer.Option(None, help="auto | cpu | cuda | mps"),
+    precision: str = typer.Option("auto", help="auto (bf16 on CUDA, fp16 without bf16, fp32 "
+                                   "on CPU) | fp32 | bf16 | fp16."),
     workers: int | None = typer.Option(None, help="Image decoding workers."),
     recreate: bool = typer.Option(False, help="Drop the collection first."),
 ) -> None:
     """Embed every image (and its text) into Qdrant with all metadata; resumable."""
     from medsig.index.runner import embed_collection
+    from medsig.models.device import inference_settings
 
+    batch_size = inference_settings(precision, batch_size, device)
     report = embed_collection(spec, model, store, collection, batch_size, limit, device,
                               workers, recreate)
     _print_embed_report(report)
@@ -226,9 +231,11 @@ def demo(out: Path = typer.Option(Path("runs/demo"), help="Output folder."),
 
 def main() -> None:
     """Entry point: user errors become one red line and exit code 2."""
-    from transformers.utils import logging as hf_logging
+    import os
 
-    hf_logging.disable_progress_bar()  # "Loading weights" bars on every model load
+    # no "Loading weights" bar on every model load; an environment default rather than
+    # transformers' switch, so that `medsig --help` does not import transformers
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         app()
     except MedsigError as exc:

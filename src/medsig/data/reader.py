@@ -1,12 +1,18 @@
 """Reader: collection rows -> decoded, preprocessed image batches (DataLoader workers).
 
-Bad images are skipped and counted by reason; the run goes on.
+Bad images are skipped and counted by reason; the run goes on. With ``uint8=True`` the
+workers only decode, pad and resize: batches carry ``(b, 3, s, s)`` uint8 pixels (a quarter
+of the bytes of float32) that the consumer normalises on its device
+(``Preprocess.normalize``). With ``texts`` and ``tokenize`` each batch's texts are tokenised
+once, in the worker. ``pin_memory`` puts batches in page-locked memory for non-blocking
+copies to a GPU.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -19,14 +25,23 @@ from medsig.errors import ImageError
 @dataclass
 class ImageBatch:
     rows: list[int]  # row numbers in the collection
-    pixels: torch.Tensor  # (b, 3, s, s)
+    pixels: torch.Tensor  # (b, 3, s, s): float32 normalised, or uint8 with uint8=True
     skipped: list[tuple[int, str, str]] = field(default_factory=list)  # (row, reason, message)
+    texts: list[str] = field(default_factory=list)  # the kept rows' texts (when asked for)
+    tokens: dict[str, torch.Tensor] | None = None  # their token ids (with a tokenizer)
+
+    def pin_memory(self) -> ImageBatch:
+        """Called by the DataLoader's pinning thread (``pin_memory=True``)."""
+        self.pixels = self.pixels.pin_memory()
+        if self.tokens is not None:
+            self.tokens = {k: v.pin_memory() for k, v in self.tokens.items()}
+        return self
 
 
 class _Images(Dataset):
     def __init__(self, paths: list[Path], rows: list[int], preprocess: Callable,
-                 draft_size: int | None) -> None:
-        self.paths, self.rows = paths, rows
+                 draft_size: int | None, texts: list[str] | None) -> None:
+        self.paths, self.rows, self.texts = paths, rows, texts
         self.preprocess, self.draft_size = preprocess, draft_size
 
     def __len__(self) -> int:
@@ -34,18 +49,21 @@ class _Images(Dataset):
 
     def __getitem__(self, i: int):
         row = self.rows[i]
+        text = self.texts[i] if self.texts is not None else None
         try:
             image = load_image(self.paths[row], draft_size=self.draft_size)
-            return row, self.preprocess(image), None
+            return row, self.preprocess(image), None, text
         except ImageError as exc:
-            return row, None, (exc.reason, str(exc))
+            return row, None, (exc.reason, str(exc)), text
 
 
-def _collate(items) -> ImageBatch:
-    good = [(r, x) for r, x, err in items if err is None]
-    skipped = [(r, err[0], err[1]) for r, _, err in items if err is not None]
-    pixels = torch.stack([x for _, x in good]) if good else torch.empty(0)
-    return ImageBatch([r for r, _ in good], pixels, skipped)
+def _collate(items, tokenize: Callable | None = None) -> ImageBatch:
+    good = [(r, x, t) for r, x, err, t in items if err is None]
+    skipped = [(r, err[0], err[1]) for r, _, err, _ in items if err is not None]
+    pixels = torch.stack([x for _, x, _ in good]) if good else torch.empty(0)
+    texts = [t for _, _, t in good if t is not None]
+    tokens = tokenize(texts) if tokenize is not None and texts else None
+    return ImageBatch([r for r, _, _ in good], pixels, skipped, texts, tokens)
 
 
 def read_batches(
@@ -55,13 +73,24 @@ def read_batches(
     batch_size: int = 64,
     num_workers: int | None = None,
     draft_size: int | None = None,
+    *,
+    uint8: bool = False,
+    texts: list[str] | None = None,
+    tokenize: Callable[[list[str]], dict[str, torch.Tensor]] | None = None,
+    pin_memory: bool = False,
 ) -> Iterator[ImageBatch]:
-    """Yield preprocessed batches of `rows` (indices into `paths`), decoding in workers."""
+    """Yield preprocessed batches of `rows` (indices into `paths`), decoding in workers.
+
+    `uint8` needs a ``Preprocess`` (its ``to_uint8``); `texts` are aligned with `rows`.
+    """
     if num_workers is None:
         num_workers = default_workers()
-    loader = DataLoader(_Images(paths, rows, preprocess, draft_size), batch_size=batch_size,
-                        shuffle=False, num_workers=num_workers, collate_fn=_collate,
-                        persistent_workers=False,
+    if uint8:
+        preprocess = preprocess.to_uint8  # type: ignore[attr-defined]
+    loader = DataLoader(_Images(paths, rows, preprocess, draft_size, texts),
+                        batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        collate_fn=partial(_collate, tokenize=tokenize),
+                        persistent_workers=False, pin_memory=pin_memory,
                         prefetch_factor=4 if num_workers > 0 else None)
     yield from loader
 
@@ -70,6 +99,6 @@ def default_workers() -> int:
     from medsig.system import available_cores
 
     n = available_cores()
-    # every core: decoding is the bottleneck for small models, and a large model's forward
-    # leaves workers idle most of the time (measured in bench/embed.py)
-    return min(8, n)
+    # every core: decoding is the bottleneck for small models (a GPU needs many cores, see
+    # docs/gpu.md); a large model's forward leaves workers idle (measured in bench/embed.py)
+    return min(32, n)

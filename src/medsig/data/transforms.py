@@ -91,13 +91,27 @@ class Preprocess:
         if self.mode == "processor":
             out = self.processor(images=image.convert("RGB"), return_tensors="pt")
             return out["pixel_values"][0].float()
+        return self.normalize(self.to_uint8(image))
+
+    @property
+    def splits(self) -> bool:
+        """Whether ``to_uint8`` + ``normalize`` (CPU decode, normalise on the device) apply."""
+        return self.mode != "processor"
+
+    def to_uint8(self, image: Image.Image) -> torch.Tensor:
+        """Pad / resize only: a ``(3, size, size)`` uint8 tensor (what CPU workers ship)."""
         if self.mode == "pad":
             image = pad_resize(image, self.size, self.resample)
         elif image.size != (self.size, self.size):
             image = image.resize((self.size, self.size), self.resample)
         array = np.asarray(image.convert("RGB"), dtype=np.uint8)
-        tensor = torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
-        return (tensor - self.mean) / self.std
+        return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 ``(..., 3, s, s)`` on any device -> normalised float32 on that device."""
+        tensor = pixels.float().div_(255.0)
+        mean, std = self.mean.to(pixels.device), self.std.to(pixels.device)
+        return (tensor - mean) / std
 
     def __repr__(self) -> str:
         return f"Preprocess(size={self.size}, mode={self.mode!r})"

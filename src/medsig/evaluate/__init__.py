@@ -1,1 +1,3 @@
 """medsig.evaluate."""
+
+TASKS = ("classification", "retrieval", "zeroshot", "clustering")  # light: the CLI's default

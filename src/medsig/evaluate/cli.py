@@ -10,8 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from medsig.errors import ConfigError
-from medsig.evaluate.report import fmt
-from medsig.evaluate.run import TASKS
+from medsig.evaluate import TASKS
 
 
 def parse_models(items: list[str] | None) -> dict[str, str]:
@@ -56,6 +55,8 @@ def short_name(metric: str) -> str:
 
 
 def _cell(r: dict[str, Any] | None) -> str:
+    from medsig.evaluate.report import fmt
+
     if not r or r.get("point") is None:
         return "–"
     if r.get("low") is None or r.get("high") is None:
@@ -110,8 +111,11 @@ def eval_command(
     n_boot: int = typer.Option(1000, help="Bootstrap resamples (groups) per metric."),
     subgroups: list[str] | None = typer.Option(
         None, "--subgroup", "-s", help="Metadata column for subgroup tables; repeatable."),
-    batch_size: int = typer.Option(64, help="Images per batch."),
+    batch_size: int | None = typer.Option(
+        None, help="Images per batch (default: 256 on CUDA, 64 otherwise)."),
     device: str | None = typer.Option(None, help="cuda | mps | cpu (default: best available)."),
+    precision: str = typer.Option("auto", help="auto (bf16 on CUDA, fp16 without bf16, fp32 "
+                                   "on CPU) | fp32 | bf16 | fp16."),
     duplicates: float = typer.Option(
         0.99, help="Cosine threshold of the near-duplicate image check across splits "
                    "(model-free signatures); 0 skips the check."),
@@ -119,13 +123,13 @@ def eval_command(
     """Evaluate models on a split: metrics with group-bootstrap CIs, paired differences
     and an HTML report (research metrics, not a diagnostic claim)."""
     from medsig.evaluate.run import evaluate
+    from medsig.models.device import inference_settings
 
     named = parse_models([*(models or []), *(more or [])])
     task_list = parse_tasks(tasks)
     if n_boot < 1:
         raise ConfigError(f"--n-boot must be >= 1, got {n_boot}")
-    if batch_size < 1:
-        raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
+    batch_size = inference_settings(precision, batch_size, device)
     if not 0 <= duplicates <= 1:
         raise ConfigError(f"--duplicates must be in [0, 1] (0: skip), got {duplicates}")
     metrics = evaluate(spec, named, task_list, split=split, out=out, batch_size=batch_size,

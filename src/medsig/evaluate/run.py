@@ -20,6 +20,7 @@ import numpy as np
 from medsig.data.collection import Collection, load_collection
 from medsig.data.duplicates import DEFAULT_THRESHOLD, cross_split_duplicates
 from medsig.errors import ConfigError, DataError
+from medsig.evaluate import TASKS  # re-exported: medsig.evaluate.run.TASKS
 from medsig.evaluate.leakage import leakage_report
 from medsig.evaluate.outputs import (  # noqa: F401 (the public names of evaluate.run)
     compute_outputs,
@@ -40,7 +41,6 @@ from medsig.evaluate.tasks import (
 )
 from medsig.models.artifact import clean_json
 
-TASKS = ("classification", "retrieval", "zeroshot", "clustering")
 TSNE_POINTS = 2000
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 

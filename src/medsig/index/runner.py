@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,10 +61,12 @@ def embed_collection(
     """Embed every image (and text) of a collection into a Qdrant collection."""
     start_all = time.perf_counter()
     collection = spec if isinstance(spec, Collection) else load_collection(spec)
-    encoder = model if isinstance(model, Encoder) else Encoder.load(model, device=device)
     name = collection_name or collection.spec.name
+    with ThreadPoolExecutor(1) as pool:  # the store opens while the model loads
+        opening = pool.submit(VectorStore, store, name)
+        encoder = model if isinstance(model, Encoder) else Encoder.load(model, device=device)
+        vs = opening.result()
     rows = list(range(len(collection)))[: limit if limit else None]
-    vs = VectorStore(store, name)
     sizes = {"image": encoder.embed_dim}
     if encoder.tokenizer is not None:
         sizes["text"] = encoder.embed_dim

@@ -1,5 +1,12 @@
 """The batch-embedding engine: collection rows -> decoded batches -> L2-normalised image and
-text embeddings. Below train, evaluate and index, which all embed through it."""
+text embeddings. Below train, evaluate and index, which all embed through it.
+
+Built to keep an accelerator busy: workers decode to uint8 and tokenise each batch's texts
+once; batches arrive in pinned memory and are copied without blocking; normalisation runs
+on the device; results come back to the host only when a batch is handed out, and the GPU
+work of batch k+1 is queued before batch k is converted (double buffering), so there is no
+host synchronisation between batches.
+"""
 
 from __future__ import annotations
 
@@ -13,20 +20,8 @@ import torch
 
 from medsig.data.collection import Collection
 from medsig.data.reader import ImageBatch, read_batches
+from medsig.models.device import default_batch_size, pin_memory
 from medsig.models.encoder import Encoder
-
-
-def embed_image_batch(encoder: Encoder, pixels: torch.Tensor) -> np.ndarray:
-    if pixels.numel() == 0:
-        return np.zeros((0, encoder.embed_dim), dtype=np.float32)
-    return encoder.embed_images(pixels).float().cpu().numpy()
-
-
-def embed_text_batch(encoder: Encoder, texts: list[str]) -> np.ndarray | None:
-    """Text embeddings, or None for an image-only encoder."""
-    if encoder.tokenizer is None or not texts:
-        return None
-    return encoder.embed_texts(texts).float().cpu().numpy()
 
 
 @dataclass
@@ -38,31 +33,93 @@ class EmbeddedBatch:
     skipped: list[tuple[int, str, str]]
 
 
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """Start a copy to the host; from CUDA into pinned memory without blocking."""
+    if t.device.type != "cuda":
+        return t.cpu()
+    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return out.copy_(t, non_blocking=True)
+
+
+@dataclass
+class _InFlight:
+    """A batch whose GPU work (and copy back) is queued but maybe not finished."""
+
+    batch: ImageBatch
+    image: torch.Tensor
+    text: torch.Tensor | None
+    done: torch.cuda.Event | None
+
+    def finish(self) -> EmbeddedBatch:
+        if self.done is not None:
+            self.done.synchronize()
+        text = self.text.numpy() if self.text is not None else None
+        return EmbeddedBatch(self.batch.rows, self.image.numpy(), text, self.batch.texts,
+                             self.batch.skipped)
+
+
+@torch.inference_mode()
+def _launch(encoder: Encoder, batch: ImageBatch) -> _InFlight:
+    if not batch.rows:
+        return _InFlight(batch, torch.zeros(0, encoder.embed_dim), None, None)
+    image = _to_host(encoder.image_embeddings(batch.pixels))
+    text = None
+    if batch.tokens is not None:
+        text = _to_host(encoder.text_embeddings(batch.tokens))
+    done = None
+    if encoder.device.type == "cuda":
+        done = torch.cuda.Event()
+        done.record()
+    return _InFlight(batch, image, text, done)
+
+
+def _add(timings: dict[str, float], key: str, start: float) -> None:
+    timings[key] = timings.get(key, 0.0) + time.perf_counter() - start
+
+
 def iter_embeddings(encoder: Encoder, collection: Collection, rows: list[int] | None = None,
-                    batch_size: int = 64, num_workers: int | None = None,
+                    batch_size: int | None = None, num_workers: int | None = None,
                     timings: dict[str, float] | None = None, texts: bool = True
                     ) -> Iterator[EmbeddedBatch]:
-    """Embed the images (and, with `texts`, the texts) of `rows` batch by batch."""
+    """Embed the images (and, with `texts`, the texts) of `rows` batch by batch.
+
+    `timings` gains ``read_wait`` (waiting for workers), ``model`` (queueing the forward
+    passes; all of it on CPU) and ``device_wait`` (waiting for the GPU's results).
+    """
     rows = list(range(len(collection))) if rows is None else rows
     timings = timings if timings is not None else {}
-    batches = read_batches(collection.image_paths, rows, encoder.preprocess, batch_size,
-                           num_workers, draft_size=encoder.image_size)
+    strings = [collection.text(r) for r in rows] if texts else None
+    tokenize = encoder.tokenize_fn() if texts and encoder.tokenizer is not None else None
+    batches = read_batches(collection.image_paths, rows, encoder.preprocess,
+                           batch_size or default_batch_size(encoder.device), num_workers,
+                           draft_size=encoder.image_size, uint8=encoder.preprocess.splits,
+                           texts=strings, tokenize=tokenize,
+                           pin_memory=pin_memory(encoder.device))
     it = iter(batches)
+    pending: _InFlight | None = None
     while True:
         start = time.perf_counter()
         batch: ImageBatch | None = next(it, None)
-        timings["read_wait"] = timings.get("read_wait", 0.0) + time.perf_counter() - start
+        _add(timings, "read_wait", start)
         if batch is None:
-            return
+            break
         start = time.perf_counter()
-        image = embed_image_batch(encoder, batch.pixels)
-        strings = [collection.text(r) for r in batch.rows] if texts else []
-        text = embed_text_batch(encoder, strings) if texts else None
-        timings["model"] = timings.get("model", 0.0) + time.perf_counter() - start
-        yield EmbeddedBatch(batch.rows, image, text, strings, batch.skipped)
+        queued = _launch(encoder, batch)  # batch k+1 queued before batch k is converted
+        _add(timings, "model", start)
+        if pending is not None:
+            start = time.perf_counter()
+            done = pending.finish()
+            _add(timings, "device_wait", start)
+            yield done
+        pending = queued
+    if pending is not None:
+        start = time.perf_counter()
+        done = pending.finish()
+        _add(timings, "device_wait", start)
+        yield done
 
 
-def embed_arrays(encoder: Encoder, collection: Collection, batch_size: int = 64,
+def embed_arrays(encoder: Encoder, collection: Collection, batch_size: int | None = None,
                  num_workers: int | None = None, texts: bool = True
                  ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, Counter]:
     """All embeddings in memory: (image (n,d), text (n,d) | None, rows kept, skip counts)."""

@@ -13,7 +13,8 @@ One code path for a hub id or a local folder: ``AutoConfig`` → ``AutoModel`` (
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from torch import Tensor
 
 from medsig.data.transforms import Preprocess
 from medsig.errors import ConfigError
-from medsig.models.device import inference_dtype, select_device
+from medsig.models.device import precision_dtype, select_device
 
 _LOAD_ERRORS = (OSError, ValueError, KeyError, TypeError, ImportError, RuntimeError)
 
@@ -58,6 +59,31 @@ def load_image_processor(source: str) -> Any:
     return AutoImageProcessor.from_pretrained(source)
 
 
+def _from_pretrained(source: str, classifier: bool, dtype: torch.dtype,
+                     device: torch.device) -> Any:
+    """The model in ``dtype``, with SDPA attention where the architecture has it, its
+    weights written straight into the device's memory (no CPU copy first)."""
+    from transformers import AutoModel, AutoModelForImageClassification
+
+    auto = AutoModelForImageClassification if classifier else AutoModel
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if device.type != "cpu":
+        kwargs["device_map"] = str(device)
+    try:
+        return auto.from_pretrained(source, attn_implementation="sdpa", **kwargs)
+    except ValueError as exc:  # an architecture without SDPA: its default attention
+        if "sdpa" not in str(exc).lower() and "attn" not in str(exc).lower():
+            raise
+        return auto.from_pretrained(source, **kwargs)
+
+
+def _tokenize(tokenizer: Any, padding: str | bool, max_length: int, texts: Sequence[str]
+              ) -> dict[str, Tensor]:
+    out = tokenizer(list(texts), padding=padding, truncation=True, max_length=max_length,
+                    return_tensors="pt")
+    return {k: v for k, v in out.items() if k in ("input_ids", "attention_mask")}
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0][:200] if text else type(exc).__name__
@@ -78,13 +104,17 @@ class Encoder:
     # -- loading ---------------------------------------------------------------------------
     @classmethod
     def load(cls, name_or_path: str | Path, device: str | torch.device | None = None,
-             preprocess: str = "pad", dtype: torch.dtype | None = None) -> Encoder:
-        """Load ``name_or_path`` (hub id or folder); fp32 on CPU, bf16/fp16 on GPU."""
+             preprocess: str = "pad", dtype: torch.dtype | None = None,
+             precision: str | None = None) -> Encoder:
+        """Load ``name_or_path`` (hub id or folder) straight onto the device with SDPA
+        attention; ``precision`` (auto | fp32 | bf16 | fp16, see ``precision_dtype``):
+        by default fp32 on CPU, bf16 (fp16 without bf16) on CUDA."""
         from transformers import AutoConfig
 
         name = str(name_or_path)
         if is_adapter_folder(name):  # a LoRA adapter: its base + the adapter, merged
-            return load_adapter(cls, name, device, preprocess, dtype)
+            return load_adapter(cls, name, device, preprocess,
+                                dtype or precision_dtype(precision, select_device(device)))
         device = select_device(device)
         source = resolve_cached(name)
         from transformers.utils import logging as hf_logging
@@ -104,16 +134,9 @@ class Encoder:
                               "(e.g. google/siglip2-base-patch16-224)")
         archs = list(getattr(config, "architectures", None) or [])
         classifier = any(a.endswith("ForImageClassification") for a in archs)
-        dtype = dtype or inference_dtype(device)
+        dtype = dtype or precision_dtype(precision, device)
         try:
-            if classifier:
-                from transformers import AutoModelForImageClassification
-
-                model = AutoModelForImageClassification.from_pretrained(source, dtype=dtype)
-            else:
-                from transformers import AutoModel
-
-                model = AutoModel.from_pretrained(source, dtype=dtype)
+            model = _from_pretrained(source, classifier, dtype, device)
             image_processor = load_image_processor(source)
         except _LOAD_ERRORS as exc:
             raise ConfigError(f"cannot load model '{name}': {_first_line(exc)}") from None
@@ -132,7 +155,7 @@ class Encoder:
             kind = "siglip" if hasattr(model, "logit_bias") or "siglip" in model_type else "clip"
         text_cfg = getattr(config, "text_config", None)
         max_len = int(getattr(text_cfg, "max_position_embeddings", 64) or 64)
-        model.to(device).eval()
+        model.to(device).eval()  # a no-op when loaded onto the device
         return cls(model, image_processor, tokenizer, kind, name, device, preprocess, max_len)
 
     def save(self, out: str | Path) -> Path:
@@ -174,8 +197,16 @@ class Encoder:
         return getattr(self.model, "logit_bias", None)
 
     # -- features (differentiable, unnormalised) ---------------------------------------------
+    def pixels(self, pixel_values: Tensor) -> Tensor:
+        """Model input on the device: uint8 batches (``Preprocess.to_uint8``) are copied
+        without blocking and normalised there; float batches are only cast."""
+        x = pixel_values.to(self.device, non_blocking=True)
+        if x.dtype == torch.uint8:
+            x = self.preprocess.normalize(x)
+        return x.to(self.dtype)
+
     def image_features(self, pixel_values: Tensor) -> Tensor:
-        pixel_values = pixel_values.to(self.device, self.dtype)
+        pixel_values = self.pixels(pixel_values)
         if self.kind != "image":
             return self.model.get_image_features(pixel_values=pixel_values).pooler_output
         if hasattr(self.model, "classifier"):  # a classifier checkpoint: its pooled features
@@ -189,24 +220,37 @@ class Encoder:
     def text_features(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         if self.tokenizer is None:
             raise ConfigError(f"model '{self.name}' is image-only: it has no text encoder")
-        kwargs: dict[str, Tensor] = {"input_ids": input_ids.to(self.device)}
+        kwargs: dict[str, Tensor] = {"input_ids": input_ids.to(self.device, non_blocking=True)}
         if attention_mask is not None and self.kind == "clip":
-            kwargs["attention_mask"] = attention_mask.to(self.device)
+            kwargs["attention_mask"] = attention_mask.to(self.device, non_blocking=True)
         return self.model.get_text_features(**kwargs).pooler_output
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, Tensor]:
         """Token ids (and attention mask) for ``texts`` as the model expects them."""
         if self.tokenizer is None:
             raise ConfigError(f"model '{self.name}' is image-only: it has no tokenizer")
+        return self.tokenize_fn()(texts)
+
+    def tokenize_fn(self) -> Callable[[Sequence[str]], dict[str, Tensor]]:
+        """``tokenize`` as a picklable function of the tokenizer alone (for data workers)."""
         padding = "max_length" if self.kind == "siglip" else True
-        out = self.tokenizer(list(texts), padding=padding, truncation=True,
-                             max_length=self.max_text_len, return_tensors="pt")
-        return {k: v for k, v in out.items() if k in ("input_ids", "attention_mask")}
+        return partial(_tokenize, self.tokenizer, padding, self.max_text_len)
 
     # -- embeddings (no grad, L2-normalised, float32 on CPU) -------------------------------
     @torch.inference_mode()
     def embed_images(self, pixel_values: Tensor) -> Tensor:
-        return F.normalize(self.image_features(pixel_values).float(), dim=-1).cpu()
+        return self.image_embeddings(pixel_values).cpu()
+
+    @torch.inference_mode()
+    def image_embeddings(self, pixel_values: Tensor) -> Tensor:
+        """L2-normalised float32 image embeddings left on the device (no host sync)."""
+        return F.normalize(self.image_features(pixel_values).float(), dim=-1)
+
+    @torch.inference_mode()
+    def text_embeddings(self, tokens: dict[str, Tensor]) -> Tensor:
+        """L2-normalised float32 text embeddings of ``tokenize`` output, on the device."""
+        feats = self.text_features(tokens["input_ids"], tokens.get("attention_mask"))
+        return F.normalize(feats.float(), dim=-1)
 
     @torch.inference_mode()
     def embed_texts(self, texts: Sequence[str], batch_size: int = 256) -> Tensor:
@@ -215,10 +259,8 @@ class Encoder:
             return torch.zeros(0, self.embed_dim)
         parts = []
         for start in range(0, len(texts), batch_size):
-            tokens = self.tokenize(texts[start:start + batch_size])
-            feats = self.text_features(tokens["input_ids"], tokens.get("attention_mask"))
-            parts.append(F.normalize(feats.float(), dim=-1).cpu())
-        return torch.cat(parts)
+            parts.append(self.text_embeddings(self.tokenize(texts[start:start + batch_size])))
+        return torch.cat(parts).cpu()
 
     def __repr__(self) -> str:
         return (f"Encoder({self.name!r}, kind={self.kind}, image_size={self.image_size}, "

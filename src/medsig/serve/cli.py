@@ -30,14 +30,18 @@ def serve(
     max_wait_ms: float = typer.Option(5.0, help="Longest wait for a batch to fill, in ms."),
     device: str | None = typer.Option(None, help="Device of a separately loaded index "
                                                  "encoder: auto | cpu | cuda | mps."),
+    precision: str = typer.Option("auto", help="auto (bf16 on CUDA, fp16 without bf16, fp32 "
+                                               "on CPU) | fp32 | bf16 | fp16."),
     log_level: str = typer.Option("info", help="uvicorn log level."),
 ) -> None:
     """Serve predictions, similar cases and a web page (API key: env MEDSIG_API_KEY)."""
     import uvicorn
 
+    from medsig.models.device import set_default_precision
     from medsig.serve.app import create_app
     from medsig.serve.state import ServeSettings
 
+    set_default_precision(precision)
     settings = ServeSettings(
         max_upload_bytes=int(max_upload_mb * 1024 * 1024),
         max_pixels=int(max_megapixels * 1_000_000), batching=batching, max_batch=max_batch,

@@ -36,6 +36,8 @@ from medsig.train.data import (
     seed_of,
     training_threads,
 )
+from medsig.train.metrics_log import StepLosses
+from medsig.train.optim import adamw
 
 NO_DECAY = ("bias", "norm", "logit_scale", "logit_bias", "position_embedding", "probe")
 
@@ -105,7 +107,7 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
         (no_decay if plain else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.optim.lr)
+    return adamw([g for g in groups if g["params"]], lr=cfg.optim.lr)
 
 
 def build_objective(cfg: TrainConfig, data: TrainData, accelerator: Any) -> Objective:
@@ -171,7 +173,8 @@ def train(config: TrainConfig | dict | str | Path, *, overrides: list[str] | dic
     """Train per the config; return the output folder (see docs: "Training outputs").
 
     `resume=True` continues from `OUT/checkpoints/last` exactly (same final weights as an
-    uninterrupted run). `callback(info)` is called after every optimizer step.
+    uninterrupted run). `callback(info)` is called after every optimizer step (its "loss" is
+    a 0-d tensor on the device: reading it syncs the host with the GPU).
     """
     cfg = load_config(config, overrides)
     if cfg.objective == "probe":
@@ -257,6 +260,7 @@ def _train(cfg: TrainConfig, resume: bool,
     def run_eval(epoch: int, candidate: bool = True) -> None:
         """Validate; a candidate evaluation may become the best checkpoint (the baseline
         before training is logged for comparison only)."""
+        read_losses()
         metrics = objective.evaluate(val_batches())
         if metric not in metrics:
             raise ConfigError(f"eval.best_metric '{metric}' is not computed by objective "
@@ -276,7 +280,22 @@ def _train(cfg: TrainConfig, resume: bool,
         _say(accelerator, f"eval step {state['step']}: " + ", ".join(
             f"{k}={v:.4f}" for k, v in metrics.items()) + (" (best)" if better else ""))
 
+    losses = StepLosses(accelerator.device)
+
+    def bad_loss(step: int, loss: float) -> None:
+        good = ckpt.roll_back(last, step - 1)
+        kept = (f"the last good checkpoint (step {good}) is kept in {last}"
+                if good is not None else "no good checkpoint had been written")
+        raise ConfigError(f"the loss became {loss} at step {step} (epoch {state['epoch'] + 1}"
+                          f"); training stopped, {kept} - lower optim.lr or check the data",
+                          file=cfg.source)
+
+    def read_losses() -> float | None:
+        """The queued step losses into the log (one host sync); a non-finite one stops."""
+        return losses.flush(log.add, bad_loss)
+
     def save_last() -> None:
+        read_losses()
         log.flush()
         if accelerator.is_main_process:
             ckpt.save_checkpoint(last, model=objective.model, optimizer=optimizer,
@@ -312,14 +331,7 @@ def _train(cfg: TrainConfig, resume: bool,
                     bar.update(1)
                     if not batches:
                         continue
-                    loss = float(objective.step(batches))
-                    if not math.isfinite(loss):
-                        good = ckpt.roll_back(last, state["step"])
-                        kept = (f"the last good checkpoint (step {good}) is kept in {last}"
-                                if good is not None else "no good checkpoint had been written")
-                        raise ConfigError(f"the loss became {loss} at step {state['step'] + 1} "
-                                          f"(epoch {epoch + 1}); training stopped, {kept} - lower "
-                                          "optim.lr or check the data", file=cfg.source)
+                    loss = objective.step(batches)  # on the device: read in read_losses
                     if cfg.optim.grad_clip is not None:
                         accelerator.clip_grad_norm_(params, cfg.optim.grad_clip)
                     optimizer.step()
@@ -328,12 +340,13 @@ def _train(cfg: TrainConfig, resume: bool,
                     optimizer.zero_grad(set_to_none=True)
                     state["step"] += 1
                     lr = float(scheduler.get_last_lr()[0])
-                    log.add({"step": state["step"], "epoch": epoch + 1, "train/loss": loss,
-                             "train/lr": lr})
-                    bar.set_postfix(loss=f"{loss:.4f}")
+                    losses.add({"step": state["step"], "epoch": epoch + 1, "train/loss": None,
+                                "train/lr": lr}, loss)
                     every = cfg.eval.save_every_steps
                     if every and state["step"] % every == 0 and state["batch"] < len(plan):
                         save_last()
+                    elif losses.due() and (value := read_losses()) is not None:
+                        bar.set_postfix(loss=f"{value:.4f}")
                     if callback is not None:
                         callback({"step": state["step"], "epoch": epoch + 1, "loss": loss,
                                   "lr": lr, "out": out})
