@@ -200,6 +200,8 @@ def _train(cfg: TrainConfig, resume: bool,
     data = load_train_data(cfg)
     objective = build_objective(cfg, data, accelerator)
     _say(accelerator, f"medsig train {cfg.objective}: {objective.report}")
+    if cfg.init_note:
+        _say(accelerator, cfg.init_note)
     optimizer = make_optimizer(objective.model, cfg)
     _, optimizer = accelerator.prepare(objective.model, optimizer)
 

@@ -26,7 +26,13 @@ from medsig.data.synth._draw import (
     skin_tone,
     write_csv,
 )
-from medsig.data.synth.derm_conditions import COARSE_SITES, CONDITIONS, SITES, condition_map
+from medsig.data.synth.derm_conditions import (
+    COARSE_SITES,
+    CONDITIONS,
+    SITES,
+    condition_map,
+    visible_layers,
+)
 from medsig.data.synth.derm_draw import PRIMITIVES, Ctx
 
 KIND = 1
@@ -119,7 +125,7 @@ def render(dom: str, fitz: str, site: str, case_rng_seed: tuple[int, ...],
     a = Anchor(*(irng.uniform(0.32, 0.68, 2) * size), r=0.19 * size * irng.uniform(0.85, 1.15),
                rot=irng.uniform(0, 2 * math.pi))
     ctx = Ctx(img, a, tone, crng, irng)
-    for prim, params in CONDITIONS[dom].layers:
+    for prim, params in visible_layers(dom):
         PRIMITIVES[prim](ctx, **params)
     if irng.random() < 0.1:  # clothing / background in one corner
         c = CLOTH[int(irng.integers(len(CLOTH)))]
