@@ -122,7 +122,7 @@ def render(dom: str, fitz: str, site: str, case_rng_seed: tuple[int, ...],
     img = skin(irng, size, tone)
     if site not in ("Face", "Hand", "Foot") and irng.random() < 0.35:
         hairs(img, irng, int(irng.integers(3, 12)), tone * 0.35)
-    a = Anchor(*(irng.uniform(0.32, 0.68, 2) * size), r=0.19 * size * irng.uniform(0.85, 1.15),
+    a = Anchor(*(irng.uniform(0.32, 0.68, 2) * size), r=0.23 * size * irng.uniform(0.85, 1.15),
                rot=irng.uniform(0, 2 * math.pi))
     ctx = Ctx(img, a, tone, crng, irng)
     for prim, params in visible_layers(dom):

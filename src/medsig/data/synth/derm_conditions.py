@@ -307,12 +307,17 @@ CATEGORY_COLORS: dict[str, tuple[int, int, int]] = {
     "Ulcer": (110, 60, 15), "Other": (20, 35, 110),
 }
 VISIBLE_ALPHA = 0.92
+# Conditions that need an urgent referral show it: a dark, irregular, bleeding-looking rim.
+URGENT_RIM: Layer = ("ring", {"color": (70, 8, 12), "size": 1.25, "width": 0.22, "irr": 0.35,
+                              "soft": 0.05, "alpha": 0.95})
 
 
 def visible_layers(name: str) -> tuple[Layer, ...]:
-    """The condition's layers with the first drawn in its category's colour (opaque)."""
+    """The condition's layers with the first drawn in its category's colour (opaque), and
+    the urgent rim under them for urgent conditions."""
     cond = CONDITIONS[name]
     (prim, params), rest = cond.layers[0], cond.layers[1:]
     params = {**params, "color": CATEGORY_COLORS[cond.coarse]}
     params["alpha"] = max(params.get("alpha", VISIBLE_ALPHA), VISIBLE_ALPHA)
-    return ((prim, params), *rest)
+    rim = (URGENT_RIM,) if cond.urgent else ()
+    return (*rim, (prim, params), *rest)
