@@ -16,6 +16,8 @@ from typing import Any
 
 from rich.console import Console
 
+DEMO_N = 1000  # images: enough for a tiny model trained from scratch to learn in minutes
+
 
 class _Steps:
     """Times each step and keeps what it produced."""
@@ -34,7 +36,7 @@ class _Steps:
         return result
 
 
-def run_demo(out: str | Path = "runs/demo", n: int = 600, seed: int = 0,
+def run_demo(out: str | Path = "runs/demo", n: int = DEMO_N, seed: int = 0,
              console: Console | None = None) -> dict[str, Any]:
     from medsig.data.collection import load_collection
     from medsig.data.inspect import inspect_collection
@@ -129,24 +131,26 @@ def run_demo(out: str | Path = "runs/demo", n: int = 600, seed: int = 0,
 
 def _train_models(steps: _Steps, spec: Path, base: Path, out: Path, seed: int,
                   console: Console) -> dict[str, str]:
-    """Three fine-tunes of the tiny model on the train split (val picks the best epoch)."""
+    """Fine-tunes of the tiny model on the train split (val picks the best epoch), with the
+    defaults of a random starting point (lr 1e-3, 20 epochs; see docs/training.md)."""
     from medsig.train import train
     from medsig.train.probe import train_probe
 
-    common = {"spec": str(spec), "model": str(base), "seed": seed}
+    common = {"spec": str(spec), "seed": seed, "data": {"augment": False}}
     contrastive = steps.run(
         "fine-tune: contrastive, multi-positive sigmoid", train,
-        {**common, "out": str(out / "contrastive"), "objective": "contrastive",
-         "optim": {"epochs": 15, "batch_size": 32, "lr": 2e-3}, "data": {"augment": False},
-         "contrastive": {"loss": "multi_positive_sigmoid", "positives": "any_shared",
+        {**common, "model": str(base), "out": str(out / "contrastive"),
+         "objective": "contrastive",
+         "data": {"augment": False, "text": "templates"},  # every label's template
+         "contrastive": {"loss": "multi_positive_sigmoid", "positives": "identical_text",
                          "main_label": "category"}, "eval": {"best_metric": "val/nmi"}})
     classify = steps.run(
         "fine-tune: classification heads (masked BCE)", train,
-        {**common, "out": str(out / "classify"), "objective": "classify",
-         "optim": {"epochs": 15, "batch_size": 32, "lr": 3e-3}, "data": {"augment": False},
+        {**common, "model": str(base), "out": str(out / "classify"), "objective": "classify",
          "eval": {"thresholds": {"urgent": 0.9}}})
-    probe = steps.run("probe: logistic regression on frozen embeddings", train_probe,
-                      {**common, "out": str(out / "probe"), "objective": "probe"})
+    probe = steps.run("probe: logistic regression on the contrastive model's embeddings",
+                      train_probe, {**common, "model": str(contrastive),
+                                    "out": str(out / "probe"), "objective": "probe"})
     models = {"contrastive": str(contrastive), "classify": str(classify), "probe": str(probe)}
     for name, folder in models.items():
         info = json.loads((Path(folder) / "medsig.json").read_text())

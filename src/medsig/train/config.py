@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -67,7 +68,14 @@ class OptimConfig:
     lr: float | None = None  # default by `init`: 1e-3 (random) / 1e-5 (pretrained)
     weight_decay: float = 0.05
     warmup_ratio: float | None = None  # default by `init`: 0.05 (random) / 0.1 (pretrained)
+    warmup_steps: int | None = None  # when set, wins over warmup_ratio
     grad_clip: float | None = 1.0
+
+    def warmup_for(self, total: int) -> int:
+        """Warm-up steps of a run of `total` optimizer steps."""
+        if self.warmup_steps is not None:
+            return min(self.warmup_steps, total)
+        return math.ceil((self.warmup_ratio or 0.0) * total)
 
 
 @dataclass
@@ -462,6 +470,7 @@ def validate(cfg: TrainConfig, where: str | None = None) -> None:
         (o.lr > 0, "optim.lr must be > 0"),
         (o.weight_decay >= 0, "optim.weight_decay must be >= 0"),
         (0 <= o.warmup_ratio < 1, "optim.warmup_ratio must be in [0, 1)"),
+        (o.warmup_steps is None or o.warmup_steps >= 0, "optim.warmup_steps must be >= 0"),
         (o.grad_clip is None or o.grad_clip > 0, "optim.grad_clip must be > 0 (or null)"),
         (e.eval_every >= 1, "eval.eval_every must be >= 1"),
         (e.save_every_steps is None or e.save_every_steps >= 1,

@@ -43,7 +43,10 @@ DURATIONS = ("1 day", "less than 1 week", "1-4 weeks", "1-3 months", "more than 
 CLOTH = ((70, 90, 140), (40, 40, 45), (200, 200, 205), (120, 60, 60), (90, 120, 90))
 TEMPLATES = ["A dermatological image showing {condition}.",
              "Clinical presentation of {condition}: {description}",
-             "A close-up photo of the {body_site} with {condition}."]
+             "A close-up photo of the {body_site} with {condition}.",
+             # one label each: zero-shot prompts for the category and the referral
+             "A skin condition of the category {category}.",
+             "Referral for this skin lesion: {urgent}."]
 
 
 def _cases(n: int, rng: np.random.Generator) -> tuple[list[str], list[int]]:
