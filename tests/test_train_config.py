@@ -84,3 +84,29 @@ def test_short_keys_and_mapping_entries():
     assert cfg.eval.thresholds == {"urgent": 0.9}
     with pytest.raises(ConfigError, match="did you mean 'eval.thresholds'"):
         load_config({"spec": "s.yaml", "model": "m", "out": "o"}, ["eval.thresholdz.urgent=1"])
+
+
+def test_defaults_by_starting_point(tmp_path: Path) -> None:
+    """A medsig random checkpoint (and a folder trained from one) gets the from-scratch
+    defaults; a hub id the fine-tuning ones; explicit values and `init` win."""
+    tiny = tmp_path / "tiny"
+    tiny.mkdir()
+    (tiny / "medsig_tiny.json").write_text("{}")
+    tuned = tmp_path / "tuned"
+    tuned.mkdir()
+    (tuned / "medsig.json").write_text(f'{{"base_model": "{tiny}"}}')
+    base = {"spec": "s.yaml", "out": "o"}
+    for model in (tiny, tuned):
+        cfg = load_config({**base, "model": str(model)})
+        assert (cfg.optim.lr, cfg.optim.epochs, cfg.optim.warmup_ratio) == (1e-3, 20, 0.05)
+        assert cfg.init_note.startswith("starting point: random")
+    hub = load_config({**base, "model": "google/siglip-base-patch16-224"})
+    assert (hub.optim.lr, hub.optim.epochs, hub.optim.warmup_ratio) == (1e-5, 5, 0.1)
+    assert "starting point: pretrained" in hub.init_note and "lr 1e-05" in hub.init_note
+    forced = load_config({**base, "model": str(tiny), "init": "pretrained"}, ["lr=3e-4"])
+    assert (forced.optim.lr, forced.optim.epochs) == (3e-4, 5)
+    assert "lr 0.0003 (set)" in forced.init_note
+    again = load_config(forced)  # a resolved config keeps its values and its note
+    assert again.optim.lr == 3e-4 and again.init_note == forced.init_note
+    with pytest.raises(ConfigError, match="'init' must be one of auto, random, pretrained"):
+        load_config({**base, "model": "m", "init": "scratch"})

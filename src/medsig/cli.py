@@ -139,11 +139,20 @@ def model_tiny(
     arch: str = typer.Option("siglip", help="siglip | clip | vit"),
     image_size: int = typer.Option(64, help="Input resolution."),
     seed: int = typer.Option(0, help="Random seed."),
+    like: str | None = typer.Option(None, help="Hub id whose real architecture to copy "
+                                               "(e.g. google/medsiglip-448)."),
+    layers: int | None = typer.Option(None, help="--like: layers per tower (default: real)."),
+    hidden: int | None = typer.Option(None, help="--like: narrower width (fast tests)."),
 ) -> None:
-    """Write a small randomly initialised checkpoint that plain transformers loads."""
-    from medsig.models.tiny import write_tiny
+    """Write a randomly initialised checkpoint that plain transformers loads: tiny, or with
+    a public model's architecture (--like)."""
+    from medsig.models.tiny import write_like, write_tiny
 
-    console.print(f"wrote {write_tiny(out, arch=arch, image_size=image_size, seed=seed)}")
+    if like:
+        path = write_like(out, like, layers=layers, hidden_size=hidden, seed=seed)
+    else:
+        path = write_tiny(out, arch=arch, image_size=image_size, seed=seed)
+    console.print(f"wrote {path}")
 
 
 # -- index -----------------------------------------------------------------------------------
@@ -221,7 +230,7 @@ def search_cmd(
 # -- demo ------------------------------------------------------------------------------------
 @app.command("demo")
 def demo(out: Path = typer.Option(Path("runs/demo"), help="Output folder."),
-         n: int = typer.Option(600, help="Images to generate."),
+         n: int = typer.Option(1000, help="Images to generate."),
          seed: int = typer.Option(0, help="Random seed.")) -> None:
     """The main job end to end on generated data, a tiny model and a local Qdrant."""
     from medsig.demo import run_demo

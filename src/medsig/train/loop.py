@@ -200,6 +200,8 @@ def _train(cfg: TrainConfig, resume: bool,
     data = load_train_data(cfg)
     objective = build_objective(cfg, data, accelerator)
     _say(accelerator, f"medsig train {cfg.objective}: {objective.report}")
+    if cfg.init_note:
+        _say(accelerator, cfg.init_note)
     optimizer = make_optimizer(objective.model, cfg)
     _, optimizer = accelerator.prepare(objective.model, optimizer)
 
@@ -212,8 +214,7 @@ def _train(cfg: TrainConfig, resume: bool,
     epochs = math.ceil(total / per_epoch)
     from transformers import get_cosine_schedule_with_warmup
 
-    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(cfg.optim.warmup_ratio
-                                                                     * total), total)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.optim.warmup_for(total), total)
     scaler = accelerator.scaler
     state: dict[str, Any] = {"step": 0, "epoch": 0, "batch": 0, "plan": None, "best": None,
                              "best_metrics": None, "bad_evals": 0, "history": [],

@@ -26,7 +26,13 @@ from medsig.data.synth._draw import (
     skin_tone,
     write_csv,
 )
-from medsig.data.synth.derm_conditions import COARSE_SITES, CONDITIONS, SITES, condition_map
+from medsig.data.synth.derm_conditions import (
+    COARSE_SITES,
+    CONDITIONS,
+    SITES,
+    condition_map,
+    visible_layers,
+)
 from medsig.data.synth.derm_draw import PRIMITIVES, Ctx
 
 KIND = 1
@@ -37,7 +43,10 @@ DURATIONS = ("1 day", "less than 1 week", "1-4 weeks", "1-3 months", "more than 
 CLOTH = ((70, 90, 140), (40, 40, 45), (200, 200, 205), (120, 60, 60), (90, 120, 90))
 TEMPLATES = ["A dermatological image showing {condition}.",
              "Clinical presentation of {condition}: {description}",
-             "A close-up photo of the {body_site} with {condition}."]
+             "A close-up photo of the {body_site} with {condition}.",
+             # one label each: zero-shot prompts for the category and the referral
+             "A skin condition of the category {category}.",
+             "Referral for this skin lesion: {urgent}."]
 
 
 def _cases(n: int, rng: np.random.Generator) -> tuple[list[str], list[int]]:
@@ -116,10 +125,10 @@ def render(dom: str, fitz: str, site: str, case_rng_seed: tuple[int, ...],
     img = skin(irng, size, tone)
     if site not in ("Face", "Hand", "Foot") and irng.random() < 0.35:
         hairs(img, irng, int(irng.integers(3, 12)), tone * 0.35)
-    a = Anchor(*(irng.uniform(0.32, 0.68, 2) * size), r=0.19 * size * irng.uniform(0.85, 1.15),
+    a = Anchor(*(irng.uniform(0.32, 0.68, 2) * size), r=0.23 * size * irng.uniform(0.85, 1.15),
                rot=irng.uniform(0, 2 * math.pi))
     ctx = Ctx(img, a, tone, crng, irng)
-    for prim, params in CONDITIONS[dom].layers:
+    for prim, params in visible_layers(dom):
         PRIMITIVES[prim](ctx, **params)
     if irng.random() < 0.1:  # clothing / background in one corner
         c = CLOTH[int(irng.integers(len(CLOTH)))]

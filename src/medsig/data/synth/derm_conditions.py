@@ -290,3 +290,34 @@ COARSE = sorted({c.coarse for c in CONDITIONS.values()})
 def condition_map() -> dict[str, str]:
     """Fine condition -> coarse category (written as condition_map.json)."""
     return {name: c.coarse for name, c in CONDITIONS.items()}
+
+
+# Learnability: each coarse category's main lesion layer is drawn in its own clearly
+# distinct colour (the category is visible at a glance, even to a tiny model trained from
+# scratch), while the fine conditions of a category keep their shapes, sizes, counts and
+# secondary layers, so fine conditions stay harder to tell apart than coarse categories.
+CATEGORY_COLORS: dict[str, tuple[int, int, int]] = {
+    "Eczema/Dermatitis": (230, 40, 40), "Psoriasis": (250, 250, 250),
+    "Infection": (250, 150, 20), "Viral infection": (40, 200, 70),
+    "Pigmented lesion": (25, 18, 15), "Acne/Rosacea": (250, 120, 200),
+    "Urticaria/Hypersensitivity": (240, 230, 40), "Pigmentary disorder": (40, 90, 235),
+    "Skin cancer": (130, 40, 210), "Vascular lesion": (140, 20, 50),
+    "Benign growth": (40, 220, 220), "Papulosquamous": (20, 110, 110),
+    "Blistering disease": (150, 190, 40), "Scar/Keloid": (120, 120, 130),
+    "Ulcer": (110, 60, 15), "Other": (20, 35, 110),
+}
+VISIBLE_ALPHA = 0.92
+# Conditions that need an urgent referral show it: a dark, irregular, bleeding-looking rim.
+URGENT_RIM: Layer = ("ring", {"color": (70, 8, 12), "size": 1.25, "width": 0.22, "irr": 0.35,
+                              "soft": 0.05, "alpha": 0.95})
+
+
+def visible_layers(name: str) -> tuple[Layer, ...]:
+    """The condition's layers with the first drawn in its category's colour (opaque), and
+    the urgent rim under them for urgent conditions."""
+    cond = CONDITIONS[name]
+    (prim, params), rest = cond.layers[0], cond.layers[1:]
+    params = {**params, "color": CATEGORY_COLORS[cond.coarse]}
+    params["alpha"] = max(params.get("alpha", VISIBLE_ALPHA), VISIBLE_ALPHA)
+    rim = (URGENT_RIM,) if cond.urgent else ()
+    return (*rim, (prim, params), *rest)
