@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from medsig.errors import ConfigError
 from medsig.train import train
 from tests.test_train_helpers import (  # noqa: F401 (fixtures)
+    assert_same_weights,
     config,
     no_label_spec,
     tiny_fixture,
@@ -148,9 +149,9 @@ def test_gradcache_loss_matches_one_big_batch(wound: Path, tiny: Path, tmp_path:
     cached, big = _losses(runs["cached"]), _losses(runs["big"])
     print(f"step-1 loss: gradcache 8x2 {cached[0]:.6f}, one batch of 16 {big[0]:.6f}")
     assert cached[0] == pytest.approx(big[0], rel=1e-5)
-    a, b = _weights(runs["cached"]), _weights(runs["big"])
-    for k in a:  # one AdamW step of lr 1e-3 moves each weight by ~1e-3: allow 1% of it
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
+    # one AdamW step of lr 1e-3 moves each weight by ~1e-3: allow 1% of it (attention key
+    # biases excepted: their gradient is zero up to rounding noise, see zero_gradient)
+    assert_same_weights(_weights(runs["cached"]), _weights(runs["big"]), atol=1e-5)
 
 
 def test_cli_trains_with_direct_flags(wound: Path, tiny: Path, tmp_path: Path) -> None:
