@@ -153,6 +153,10 @@ class ContrastiveObjective:
         if c.supcon_weight > 0:
             loss = loss + c.supcon_weight * supcon_loss(img, positives=pos_img,
                                                         temperature=c.supcon_temperature)
+        if bias is not None and c.loss == "softmax":
+            # softmax ignores the bias: a zero term gives it a (zero) gradient, as DDP
+            # expects of every trainable parameter
+            loss = loss + 0.0 * bias.float().sum()
         return loss
 
     # -- training --------------------------------------------------------------------------

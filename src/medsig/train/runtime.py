@@ -53,8 +53,7 @@ def make_accelerator(cfg: TrainConfig) -> Any:
                                   (has_mps and cfg.device in ("auto", "mps")))
     reset_accelerate()
     # classify: a SigLIP classifier's unused pooling head (see ClassifyObjective)
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.objective == "classify",
-                                        broadcast_buffers=False)
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.objective == "classify")
     return Accelerator(cpu=cpu, mixed_precision=resolve_precision(cfg.precision, cpu),
                        step_scheduler_with_optimizer=False, kwargs_handlers=[ddp])
 
