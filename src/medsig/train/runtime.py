@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,9 @@ from torch import nn
 from medsig.errors import ConfigError
 from medsig.train.config import TrainConfig, load_config
 
+# accelerate's distributed types whose parameters stay whole on every process
+UNSHARDED = ("NO", "MULTI_CPU", "MULTI_GPU", "MULTI_XPU", "MULTI_NPU",
+             "MULTI_MLU", "MULTI_SDAA", "MULTI_MUSA", "MULTI_HPU", "MULTI_NEURON")
 NO_DECAY = ("bias", "norm", "logit_scale", "logit_bias", "position_embedding", "probe")
 
 
@@ -54,8 +58,16 @@ def make_accelerator(cfg: TrainConfig) -> Any:
     reset_accelerate()
     # classify: a SigLIP classifier's unused pooling head (see ClassifyObjective)
     ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.objective == "classify")
-    return Accelerator(cpu=cpu, mixed_precision=resolve_precision(cfg.precision, cpu),
-                       step_scheduler_with_optimizer=False, kwargs_handlers=[ddp])
+    accelerator = Accelerator(cpu=cpu, mixed_precision=resolve_precision(cfg.precision, cpu),
+                              step_scheduler_with_optimizer=False, kwargs_handlers=[ddp])
+    kind = accelerator.distributed_type.value
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true", "yes"):
+        kind = "FSDP"  # on CPU accelerate falls back to MULTI_CPU, transformers does not
+    if kind not in UNSHARDED:
+        raise ConfigError(f"accelerate '{kind}' is not supported yet: checkpoints and the "
+                          "saved model read whole (unsharded) parameters; use DDP "
+                          "(accelerate launch --multi_gpu, or torchrun), see docs/scaling.md")
+    return accelerator
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
