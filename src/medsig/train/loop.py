@@ -47,6 +47,7 @@ from medsig.train.runtime import (
     check_same_config,
     make_accelerator,
     make_optimizer,
+    prepare,
     reset_accelerate,
     resolve_precision,
 )
@@ -160,7 +161,8 @@ class Trainer:
         self.say(f"medsig train {cfg.objective}: {self.objective.report}"
                  + (f" ({self.world} processes)" if self.world > 1 else ""))
         optimizer = make_optimizer(self.objective.model, cfg)
-        self.objective.net, self.optimizer = acc.prepare(self.objective.net, optimizer)
+        self.objective.net, self.optimizer = prepare(
+            acc, self.objective.net, optimizer, self.objective.find_unused_parameters)
         self._schedule()
         self.state = TrainState()
         self.resumed = resume and (self.last / ckpt.STATE).is_file()

@@ -45,7 +45,6 @@ def resolve_precision(precision: str, cpu: bool) -> str:
 def make_accelerator(cfg: TrainConfig) -> Any:
     """The run's Accelerator; under `accelerate launch` / `torchrun` one per process (DDP)."""
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
 
     if cfg.device not in ("auto", "cpu", "cuda", "mps"):
         raise ConfigError(f"'device' must be auto, cpu, cuda or mps, got '{cfg.device}'")
@@ -56,10 +55,8 @@ def make_accelerator(cfg: TrainConfig) -> Any:
     cpu = cfg.device == "cpu" or (not torch.cuda.is_available() and not
                                   (has_mps and cfg.device in ("auto", "mps")))
     reset_accelerate()
-    # classify: a SigLIP classifier's unused pooling head (see ClassifyObjective)
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.objective == "classify")
     accelerator = Accelerator(cpu=cpu, mixed_precision=resolve_precision(cfg.precision, cpu),
-                              step_scheduler_with_optimizer=False, kwargs_handlers=[ddp])
+                              step_scheduler_with_optimizer=False)
     kind = accelerator.distributed_type.value
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true", "yes"):
         kind = "FSDP"  # on CPU accelerate falls back to MULTI_CPU, transformers does not
@@ -68,6 +65,16 @@ def make_accelerator(cfg: TrainConfig) -> Any:
                           "saved model read whole (unsharded) parameters; use DDP "
                           "(accelerate launch --multi_gpu, or torchrun), see docs/scaling.md")
     return accelerator
+
+
+def prepare(accelerator: Any, module: nn.Module, optimizer: torch.optim.Optimizer,
+            find_unused_parameters: bool) -> tuple[nn.Module, Any]:
+    """accelerate's prepare (DDP-wraps the module under several processes)."""
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    accelerator.ddp_handler = DistributedDataParallelKwargs(
+        find_unused_parameters=find_unused_parameters)
+    return accelerator.prepare(module, optimizer)
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
