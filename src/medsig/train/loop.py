@@ -263,22 +263,27 @@ class Trainer:
                                    seed_of(self.cfg.seed, "order", epoch), self.plain_train)
         return broadcast(plan)
 
+    def _my_slice(self, micro_batch: list[int]) -> tuple[list[int], bool]:
+        """This process's rows of a global micro-batch, or (first row, ghost) when none."""
+        mine = shard(micro_batch, self.rank, self.world)
+        return (mine, False) if mine else (micro_batch[:1], True)
+
     def _local_steps(self, epoch: int, plan: list[list[int]]) -> Iterator[list[Batch]]:
-        """Per remaining step batch of the plan: this process's slice of each micro-batch
-        (a ghost row where the slice is empty), as loaded batches."""
-        steps = []
-        for s in plan[self.state.batch:]:
-            steps.append([(shard(m, self.rank, self.world) or m[:1], not shard(
-                m, self.rank, self.world)) for m in micro_batches(s, self.cfg.optim.batch_size)])
-        keys = [[(epoch, r) for r in rows] for ms in steps for rows, _ in ms]
-        loaded = iter(self._count_skips(self.train_loader(keys), "train"))
-        for ms in steps:
-            batches = []
-            for _, ghost in ms:
-                b = next(loaded)
+        """Per remaining step batch of the plan: this process's slice of each micro-batch,
+        loaded (a ghost row where the slice is empty)."""
+        steps = [[self._my_slice(m) for m in micro_batches(s, self.cfg.optim.batch_size)]
+                 for s in plan[self.state.batch:]]
+        slices = [sl for ms in steps for sl in ms]
+
+        def marked(batches: Iterable[Batch]) -> Iterator[Batch]:
+            for b, (_, ghost) in zip(batches, slices):
                 b.ghost = ghost
-                batches.append(b)
-            yield batches
+                yield b
+
+        keys = [[(epoch, r) for r in rows] for rows, _ in slices]
+        loaded = iter(self._count_skips(marked(self.train_loader(keys)), "train"))
+        for ms in steps:
+            yield [next(loaded) for _ in ms]
 
     def _kept(self, batches: list[Batch]) -> list[Batch]:
         """The micro-batches with a row on some process (all images unreadable: dropped)."""
