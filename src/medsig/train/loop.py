@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field, fields
@@ -125,6 +126,9 @@ def train(config: TrainConfig | dict | str | Path, *, overrides: list[str] | dic
     """
     cfg = load_config(config, overrides)
     if cfg.objective == "probe":
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ConfigError("objective 'probe' trains in one process (seconds on a CPU): "
+                              "run it without accelerate launch / torchrun")
         try:
             from medsig.train.probe import train_probe
         except ImportError:
