@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from medsig.errors import ConfigError
 from medsig.train import train
 from tests.test_train_helpers import (  # noqa: F401 (fixtures)
+    assert_same_weights,
     config,
     no_label_spec,
     tiny_fixture,
@@ -70,13 +71,25 @@ def test_resume_ends_with_the_same_weights(wound: Path, tiny: Path, tmp_path: Pa
 
 
 def test_early_stopping(wound: Path, tiny: Path, tmp_path: Path) -> None:
-    # the val loss falls, so "max" never improves after the first evaluation
+    # "max" of val/loss with patience 1: the run stops after the first evaluation that does
+    # not beat the best so far; which one that is follows from the logged val losses
     out = train(config(wound, tiny, tmp_path / "es", optim={"epochs": 6, "batch_size": 32},
                        eval={"best_metric": "val/loss", "best_mode": "max", "patience": 1}))
     info = json.loads((out / "medsig.json").read_text())
+    with open(out / "log.csv") as f:
+        evals = [(int(r["step"]), float(r["val/loss"])) for r in csv.DictReader(f)
+                 if r.get("val/loss") and int(r["step"]) > 0]
+    best, best_step, stop = -math.inf, None, None
+    for step, value in evals:
+        if value > best:
+            best, best_step = value, step
+        else:
+            stop = step
+            break
+    assert stop is not None and stop < 6 * 6, evals  # the val loss does not rise 6 times
     assert info["training"]["stopped_early"] is True
-    assert info["training"]["steps"] == 2 * 6 and info["training"]["planned_steps"] == 6 * 6
-    assert info["metrics"]["best"]["step"] == 6
+    assert info["training"]["steps"] == stop and info["training"]["planned_steps"] == 6 * 6
+    assert info["metrics"]["best"]["step"] == best_step
 
 
 def test_epoch_pool_oversamples_and_balances(wound: Path) -> None:
@@ -148,9 +161,12 @@ def test_gradcache_loss_matches_one_big_batch(wound: Path, tiny: Path, tmp_path:
     cached, big = _losses(runs["cached"]), _losses(runs["big"])
     print(f"step-1 loss: gradcache 8x2 {cached[0]:.6f}, one batch of 16 {big[0]:.6f}")
     assert cached[0] == pytest.approx(big[0], rel=1e-5)
-    a, b = _weights(runs["cached"]), _weights(runs["big"])
-    for k in a:  # one AdamW step of lr 1e-3 moves each weight by ~1e-3: allow 1% of it
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
+    # one AdamW step of lr 1e-3 moves each weight by ~lr * g / (|g| + eps): ~1e-3 where the
+    # gradient is large, anything where it is near eps, so two summation orders can differ by
+    # ~1e-5 on a few near-zero-gradient elements. A wrong gradient (a missing negative) flips
+    # signs and moves weights by ~2e-3: allow 5 % of one step (attention key biases excepted:
+    # their gradient is zero up to rounding noise, see zero_gradient)
+    assert_same_weights(_weights(runs["cached"]), _weights(runs["big"]), atol=5e-5)
 
 
 def test_cli_trains_with_direct_flags(wound: Path, tiny: Path, tmp_path: Path) -> None:

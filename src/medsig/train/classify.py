@@ -24,6 +24,7 @@ from medsig.models.heads import Head, head_probabilities, heads_for
 from medsig.train.adapt import adapt_model, export_model
 from medsig.train.config import TrainConfig
 from medsig.train.data import Batch, TrainData, step_batches
+from medsig.train.distributed import gather_rows, global_batch, no_sync_unless
 from medsig.train.losses import masked_bce_loss, pos_weight_from_targets
 
 
@@ -79,6 +80,9 @@ class ClassifyObjective:
     """Fine-tune the vision tower with label heads (see module docstring)."""
 
     name = "classify"
+    # a SigLIP classifier keeps the vision tower's attention-pooling head, which its
+    # logits do not use: DDP must look for parameters without gradient
+    find_unused_parameters = True
 
     def __init__(self, cfg: TrainConfig, data: TrainData, accelerator: Any) -> None:
         from medsig.data.transforms import Preprocess
@@ -107,6 +111,7 @@ class ClassifyObjective:
         # fp32 master weights (a checkpoint may load in bf16); autocast runs bf16 / fp16
         model = load_classifier(cfg.model, self.heads).float().to(accelerator.device)
         self.model, self.report = adapt_model(model, cfg.adapt, head_modules=["classifier"])
+        self.net: torch.nn.Module = self.model  # the loop prepares it (DDP for training)
         train_t, self.bce_cols = bce_targets(data.train, self.heads)
         self.train_bce = torch.as_tensor(train_t)
         self.val_bce = torch.as_tensor(bce_targets(data.val, self.heads)[0])
@@ -120,9 +125,10 @@ class ClassifyObjective:
              ) -> list[list[int]]:
         return step_batches(pool, step_size, seed, drop_last=False)
 
-    def logits(self, pixels: Tensor) -> Tensor:
+    def logits(self, pixels: Tensor, net: torch.nn.Module | None = None) -> Tensor:
+        """Logits through ``net`` (training: the prepared module) or the plain model."""
         with self.accelerator.autocast():
-            out = self.model(pixel_values=pixels.to(self.accelerator.device)).logits
+            out = (net or self.model)(pixel_values=pixels.to(self.accelerator.device)).logits
         return out.float()
 
     def loss(self, logits: Tensor, rows: list[int], collection: Collection, bce: Tensor
@@ -140,10 +146,16 @@ class ClassifyObjective:
         return total
 
     def step(self, batches: list[Batch]) -> Tensor:
-        total = torch.zeros((), device=self.accelerator.device)
-        for b in batches:
-            loss = self.loss(self.logits(b.pixels), b.rows, self.data.train, self.train_bce)
-            self.accelerator.backward(loss / len(batches))
+        """Forward + backward of this process's slice of each micro-batch; the loss is that
+        of the global micro-batch (logits gathered from every process)."""
+        acc = self.accelerator
+        total = torch.zeros((), device=acc.device)
+        for i, b in enumerate(batches):
+            with no_sync_unless(acc, self.net, i == len(batches) - 1):
+                rows, (logits,), anchor = global_batch(b.rows, [self.logits(b.pixels, self.net)],
+                                                       b.ghost)
+                loss = self.loss(logits, rows, self.data.train, self.train_bce)
+                acc.backward((loss + anchor) / len(batches))
             total = total + loss.detach() / len(batches)
         return total
 
@@ -160,7 +172,10 @@ class ClassifyObjective:
             rows.extend(b.rows)
             parts.append(self.logits(b.pixels))
         self.model.train(was)
-        return rows, torch.cat(parts)
+        logits = torch.cat(parts) if parts else torch.zeros(
+            (0, self.heads[-1].offset + self.heads[-1].size), device=self.accelerator.device)
+        rows, (logits,) = gather_rows(rows, logits)  # every process's rows, in row order
+        return rows, logits
 
     def evaluate(self, val_batches: Iterable[Batch]) -> dict[str, float]:
         """Macro AUC over binary / multilabel outputs (outputs with one class skipped)."""
@@ -200,14 +215,17 @@ class ClassifyObjective:
         return head_thresholds(self.heads, targets, probs, self.cfg.eval.thresholds)
 
     def save(self, out_dir: Path, val_batches: Iterable[Batch]) -> dict[str, Any]:
+        """Thresholds on the gathered val predictions (every process); the model written by
+        the main process only."""
         heads = self.thresholds(val_batches)
-        from medsig.models.artifact import Preprocessing, write_image_processor
+        if self.accelerator.is_main_process:
+            from medsig.models.artifact import Preprocessing, write_image_processor
 
-        export_model(self.model, out_dir, merge=True)
-        if self.preprocess.mode == "processor":
-            self.processor.save_pretrained(out_dir)
-        else:  # plain transformers reproduces medsig's pad / resize exactly
-            write_image_processor(out_dir, Preprocessing.of(self.preprocess))
+            export_model(self.model, out_dir, merge=True)
+            if self.preprocess.mode == "processor":
+                self.processor.save_pretrained(out_dir)
+            else:  # plain transformers reproduces medsig's pad / resize exactly
+                write_image_processor(out_dir, Preprocessing.of(self.preprocess))
         return {"heads": heads, "prompts": {}, "image_size": self.image_size}
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from medsig.data.collection import Collection
 from medsig.errors import ConfigError, DataError
@@ -26,7 +26,14 @@ from medsig.models.zeroshot import class_prompts
 from medsig.train.adapt import adapt_model, export_model
 from medsig.train.config import TrainConfig
 from medsig.train.data import Batch, TrainData, epoch_texts, single_class, step_batches
-from medsig.train.gradcache import gradcache_step
+from medsig.train.distributed import (
+    gather,
+    gather_rows,
+    gather_with_grad,
+    global_batch,
+    no_sync_unless,
+)
+from medsig.train.gradcache import gradcache_pairs
 from medsig.train.losses import get_loss, positives_from_labels, supcon_loss
 
 
@@ -49,10 +56,29 @@ def _positive_source(collection: Collection, main: str, mode: str) -> tuple[str,
     return "any_shared", lab.onehot().astype(np.float32)
 
 
+class DualTowers(nn.Module):
+    """Both towers in one forward: the module DDP wraps, so that every training pass runs
+    through the wrapper and uses every trainable parameter (the loss uses the logit scale /
+    bias directly). Returns L2-normalised float image and text features."""
+
+    def __init__(self, model: nn.Module, encoder: Any) -> None:
+        super().__init__()
+        self.model = model  # the adapted model (a peft wrapper holds the encoder's model)
+        self._encoder = [encoder]  # a list: not registered as a submodule
+
+    def forward(self, pixel_values: Tensor, input_ids: Tensor,
+                attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        encoder = self._encoder[0]
+        img = encoder.image_features(pixel_values)
+        txt = encoder.text_features(input_ids, attention_mask)
+        return F.normalize(img.float(), dim=-1), F.normalize(txt.float(), dim=-1)
+
+
 class ContrastiveObjective:
     """Image-text fine-tuning of a SigLIP / CLIP model (see module docstring)."""
 
     name = "contrastive"
+    find_unused_parameters = False  # DualTowers uses both towers in every pass
 
     def __init__(self, cfg: TrainConfig, data: TrainData, accelerator: Any) -> None:
         from medsig.models.encoder import Encoder
@@ -75,6 +101,7 @@ class ContrastiveObjective:
         self.loss_fn = get_loss(c.loss)
         self.encoder.model.float()  # fp32 master weights; autocast runs bf16 / fp16
         self.model, self.report = adapt_model(self.encoder.model, cfg.adapt)
+        self.net: nn.Module = DualTowers(self.model, self.encoder)  # the loop prepares it
         self.preprocess, self.image_size = self.encoder.preprocess, self.encoder.image_size
         self.train_pos = self._source(data.train)
         self.val_pos = self._source(data.val)
@@ -113,15 +140,24 @@ class ContrastiveObjective:
         model = self.encoder.model
         return model.logit_scale, getattr(model, "logit_bias", None)
 
-    def loss(self, img: Tensor, txt: Tensor, pos_text: Tensor, pos_img: Tensor) -> Tensor:
+    def loss(self, img: Tensor, txt: Tensor, pos_text: Tensor, pos_img: Tensor,
+             scale_bias: list[Tensor] | None = None) -> Tensor:
+        """The loss of a (global) batch; ``scale_bias`` replaces the model's logit scale and
+        bias (gradient caching passes detached copies)."""
         c = self.cfg.contrastive
         scale, bias = self._scale_bias()
+        if scale_bias is not None:
+            scale, bias = scale_bias[0], (scale_bias[1] if len(scale_bias) > 1 else bias)
         loss = self.loss_fn(img, txt, logit_scale=scale.float(),
                             logit_bias=None if bias is None else bias.float(),
                             positives=pos_text, chunk_size=c.chunk_size)
         if c.supcon_weight > 0:
             loss = loss + c.supcon_weight * supcon_loss(img, positives=pos_img,
                                                         temperature=c.supcon_temperature)
+        if bias is not None and c.loss == "softmax":
+            # softmax ignores the bias: a zero term gives it a (zero) gradient, as DDP
+            # expects of every trainable parameter
+            loss = loss + 0.0 * bias.float().sum()
         return loss
 
     # -- training --------------------------------------------------------------------------
@@ -155,11 +191,7 @@ class ContrastiveObjective:
         """For each train row, the rows whose texts are nearest but are not positives."""
         was = self.model.training
         self.model.eval()
-        rows, embs = [], []
-        for b in plain_train():
-            rows.extend(b.rows)
-            embs.append(self.encode_images(b.pixels))
-        img = torch.cat(embs)
+        rows, img = self._embed_rows(plain_train())
         txt = self._embed_texts([self.texts[r] for r in rows])
         self.model.train(was)
         sim = img @ txt.T
@@ -173,29 +205,51 @@ class ContrastiveObjective:
                       if v != float("-inf")]
         return out
 
+    def _scale_bias_params(self) -> list[Tensor]:
+        return [t for t in self._scale_bias() if t is not None]
+
+    def _forward(self, b: Batch) -> tuple[Tensor, Tensor]:
+        """A micro-batch's features through the prepared (DDP-wrapped) module."""
+        tokens = {k: v.to(self.accelerator.device) for k, v in self.tokens(b.rows).items()}
+        with self.accelerator.autocast():
+            return self.net(b.pixels.to(self.accelerator.device), tokens["input_ids"],
+                            tokens.get("attention_mask"))
+
+    def _global_loss(self, rows: list[int], img: Tensor, txt: Tensor,
+                     scale_bias: list[Tensor] | None = None) -> Tensor:
+        """The loss of the global batch: positives from every process's rows."""
+        texts = [self.texts[r] for r in rows]
+        return self.loss(img, txt, self._positives(rows, texts, self.train_pos, True),
+                         self._positives(rows, texts, self.train_pos, False), scale_bias)
+
     def step(self, batches: list[Batch]) -> Tensor:
-        """Forward + backward over one optimizer step's micro-batches; the mean loss."""
-        acc = self.accelerator
-        all_rows = [r for b in batches for r in b.rows]
-        texts = [self.texts[r] for r in all_rows]
+        """Forward + backward over one optimizer step's micro-batches (this process's slice
+        of each, the loss over the global batch); the mean loss."""
         if self.cfg.optim.gradcache:
-            pos_t = self._positives(all_rows, texts, self.train_pos, True)
-            pos_i = self._positives(all_rows, texts, self.train_pos, False)
-            text_chunks = [self.tokens(b.rows) for b in batches]
-            return gradcache_step(self.encode_images, self.encode_texts,
-                                  [b.pixels for b in batches], text_chunks,
-                                  lambda i, t: self.loss(i, t, pos_t, pos_i),
-                                  backward=acc.backward)
+            return self._gradcache_step(batches)
+        acc = self.accelerator
         total = torch.zeros((), device=acc.device)
-        for b in batches:
-            bt = [self.texts[r] for r in b.rows]
-            img = self.encode_images(b.pixels)
-            txt = self.encode_texts(self.tokens(b.rows))
-            loss = self.loss(img, txt, self._positives(b.rows, bt, self.train_pos, True),
-                             self._positives(b.rows, bt, self.train_pos, False))
-            acc.backward(loss / len(batches))
+        for i, b in enumerate(batches):
+            with no_sync_unless(acc, self.net, i == len(batches) - 1):
+                rows, (img, txt), anchor = global_batch(b.rows, list(self._forward(b)), b.ghost)
+                loss = self._global_loss(rows, img, txt)
+                acc.backward((loss + anchor) / len(batches))
             total = total + loss.detach() / len(batches)
         return total
+
+    def _gradcache_step(self, batches: list[Batch]) -> Tensor:
+        """One loss over every micro-batch of the step (gradient caching)."""
+        device = self.accelerator.device
+        rows = [gather(torch.as_tensor([] if b.ghost else b.rows, dtype=torch.long,
+                                       device=device)).tolist() for b in batches]
+        own = [0 if b.ghost else len(b.rows) for b in batches]
+        everyone = [r for part in rows for r in part]
+        return gradcache_pairs(
+            self._forward, batches,
+            lambda img, txt, sb: self._global_loss(everyone, img, txt, sb),
+            self._scale_bias_params(), backward=self.accelerator.backward,
+            no_sync=lambda: self.accelerator.no_sync(self.net),
+            gather=lambda k, t: gather_with_grad(t[:own[k]]))
 
     # -- evaluation ------------------------------------------------------------------------
     def _embed_texts(self, texts: list[str]) -> Tensor:
@@ -209,11 +263,7 @@ class ContrastiveObjective:
         """Recall@1/5 image->text over the distinct val texts, text->image R@1, NMI, loss."""
         was = self.model.training
         self.model.eval()
-        rows, embs = [], []
-        for b in val_batches:
-            rows.extend(b.rows)
-            embs.append(self.encode_images(b.pixels))
-        img = torch.cat(embs)
+        rows, img = self._embed_rows(val_batches)
         texts = [self.val_texts[r] for r in rows]
         distinct, inverse = np.unique(np.array(texts, dtype=object).astype(str),
                                       return_inverse=True)
@@ -234,12 +284,28 @@ class ContrastiveObjective:
         self.model.train(was)
         return metrics
 
+    def _embed_rows(self, batches: Iterable[Batch]) -> tuple[list[int], Tensor]:
+        """Image embeddings of this process's rows, gathered from every process (row order)."""
+        rows, embs = [], []
+        for b in batches:
+            rows.extend(b.rows)
+            embs.append(self.encode_images(b.pixels))
+        img = torch.cat(embs) if embs else torch.zeros((0, self._width()),
+                                                      device=self.accelerator.device)
+        rows, (img,) = gather_rows(rows, img)
+        return rows, img
+
+    def _width(self) -> int:
+        return int(self._embed_texts(["x"]).shape[1])
+
     # -- output ----------------------------------------------------------------------------
     def save(self, out_dir: Path, val_batches: Iterable[Batch]) -> dict[str, Any]:
-        lora = self.cfg.adapt.lora
-        export_model(self.model, out_dir, merge=lora.merge, base_name=self.cfg.model)
-        self.encoder.tokenizer.save_pretrained(out_dir)
-        self.encoder.image_processor.save_pretrained(out_dir)
+        """Write the model (main process only); the heads and prompts for medsig.json."""
+        if self.accelerator.is_main_process:
+            lora = self.cfg.adapt.lora
+            export_model(self.model, out_dir, merge=lora.merge, base_name=self.cfg.model)
+            self.encoder.tokenizer.save_pretrained(out_dir)
+            self.encoder.image_processor.save_pretrained(out_dir)
         labels = self.data.collection.labels
         heads = heads_for(labels[name] for name in self.data.labels)
         return {"heads": heads, "prompts": class_prompts(self.data.collection, self.data.labels),

@@ -168,12 +168,26 @@ def micro_batches(step: list[int], batch_size: int) -> list[list[int]]:
     return [step[i:i + batch_size] for i in range(0, len(step), batch_size)]
 
 
+def shard(rows: Sequence[Any], rank: int, world: int) -> list[Any]:
+    """This process's contiguous slice of a global batch (lengths differ by at most one,
+    the first processes taking the extra rows), so that the processes' slices, gathered in
+    rank order, are the global batch in its order."""
+    if world <= 1:
+        return list(rows)
+    base, extra = divmod(len(rows), world)
+    start = rank * base + min(rank, extra)
+    return list(rows[start:start + base + (1 if rank < extra else 0)])
+
+
 # ----------------------------------------------------------------------------- images
 @dataclass
 class Batch:
     rows: list[int]  # row indices into the split collection
     pixels: torch.Tensor
     skipped: list[tuple[int, str]] = field(default_factory=list)  # (row, reason)
+    # a stand-in row that only lets this process take part in a step whose global batch
+    # left it no row (several processes, a batch smaller than their number): no loss
+    ghost: bool = False
 
 
 class RowImages(Dataset):

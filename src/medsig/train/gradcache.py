@@ -101,6 +101,59 @@ def gradcache_step(
     return loss.detach()
 
 
+PairEncode = Callable[[Any], tuple[Tensor, Tensor]]
+PairLoss = Callable[[Tensor, Tensor, list[Tensor]], Tensor]
+Gather = Callable[[int, Tensor], Tensor]
+
+
+def _chunk_backward(outputs: list[tuple[Tensor, Tensor | None]]) -> None:
+    """Backpropagate cached gradients into whatever requires grad (a locked tower does not)."""
+    pairs = [(o, g) for o, g in outputs if o.requires_grad and g is not None]
+    if pairs:
+        torch.autograd.backward([o for o, _ in pairs], grad_tensors=[g for _, g in pairs])
+
+
+def gradcache_pairs(encode: PairEncode, chunks: Sequence[Any], loss_fn: PairLoss,
+                    params: Sequence[Tensor] = (), *, backward: Backward | None = None,
+                    no_sync: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
+                    gather: Gather | None = None) -> Tensor:
+    """Gradient caching where one forward encodes an (images, texts) chunk pair: the form
+    DDP needs (both towers in every pass, so each synchronising pass uses every parameter).
+
+    ``params`` (logit scale / bias) are used by the loss directly: the loss sees detached
+    copies and their cached gradient is backpropagated in the last pass, the only one that
+    synchronises gradients (``no_sync`` wraps the others): one all-reduce per step.
+    ``gather(k, emb)`` turns chunk k's local embeddings into the global ones (all-gather
+    with gradient under several processes); rows it drops get a zero gradient.
+    """
+    if len(chunks) == 0:
+        raise ConfigError("gradient caching needs at least one chunk")
+    backward = backward or _tensor_backward
+    gather = gather or (lambda k, t: t)
+    states, embs = [], []
+    with torch.no_grad():
+        for chunk in chunks:
+            states.append(RngState())
+            embs.append([e.detach().requires_grad_() for e in encode(chunk)])
+    leaves = [p.detach().requires_grad_(p.requires_grad) for p in params]
+    img = torch.cat([gather(k, e[0]) for k, e in enumerate(embs)])
+    txt = torch.cat([gather(k, e[1]) for k, e in enumerate(embs)])
+    loss = loss_fn(img, txt, leaves)
+    backward(loss)
+    end_state = RngState()
+    for k, (chunk, state) in enumerate(zip(chunks, states)):
+        last = k == len(chunks) - 1
+        ctx = no_sync() if no_sync is not None and not last else contextlib.nullcontext()
+        with ctx:
+            state.restore()
+            outputs = list(zip(encode(chunk), (e.grad for e in embs[k])))
+            if last:
+                outputs += [(p, leaf.grad) for p, leaf in zip(params, leaves)]
+            _chunk_backward(outputs)
+    end_state.restore()
+    return loss.detach()
+
+
 def split_batch(batch: Any, chunk_size: int) -> list[Any]:
     """Split a tensor, a mapping of tensors (tokenizer output) or a list along dim 0."""
     if chunk_size < 1:

@@ -4,14 +4,16 @@ Mixed precision (bf16 where the GPU has it, fp16 with loss scaling otherwise, fp
 gradient accumulation, AdamW + cosine schedule with warm-up, clipping, checkpoints every
 epoch / N steps with exact resume, validation, best-checkpoint selection, early stopping,
 CSV + TensorBoard logs, and the output folder of the "Training outputs" contract.
+Data-parallel over several processes (DDP through accelerate): docs/scaling.md.
 """
 
 from __future__ import annotations
 
-import csv
 import math
+import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -29,24 +31,34 @@ from medsig.train.data import (
     RowImages,
     TrainData,
     epoch_pool,
-    eval_batches,
     load_train_data,
     loader_workers,
     micro_batches,
     seed_of,
+    shard,
     training_threads,
 )
+from medsig.train.distributed import broadcast, merge_counters, sum_counts, world
 from medsig.train.metrics_log import StepLosses
-from medsig.train.optim import adamw
-
-NO_DECAY = ("bias", "norm", "logit_scale", "logit_bias", "position_embedding", "probe")
+from medsig.train.runtime import (
+    RunLog,
+    check_out,
+    check_same_config,
+    make_accelerator,
+    make_optimizer,
+    prepare,
+    reset_accelerate,
+    resolve_precision,
+)
 
 
 class Objective(Protocol):
     """What an objective provides to the loop (ContrastiveObjective, ClassifyObjective)."""
 
     name: str
-    model: nn.Module
+    model: nn.Module  # the adapted model (what is saved)
+    net: nn.Module  # the module trained through (prepared, so DDP-wrapped, by the loop)
+    find_unused_parameters: bool  # DDP: some trainable parameter may get no gradient
     report: Any
     preprocess: Callable[[Any], Tensor]
     image_size: int
@@ -54,60 +66,11 @@ class Objective(Protocol):
     def begin_epoch(self, epoch: int) -> None: ...
     def plan(self, epoch: int, pool: np.ndarray, step_size: int, seed: int,
              plain_train: Callable[[], Iterable[Batch]]) -> list[list[int]]: ...
+    # every process calls these with its own rows; results are those of the global batch /
+    # of every val row (gathered), equal on every process; files come from the main process
     def step(self, batches: list[Batch]) -> Tensor: ...
     def evaluate(self, val_batches: Iterable[Batch]) -> dict[str, float]: ...
     def save(self, out_dir: Path, val_batches: Iterable[Batch]) -> dict[str, Any]: ...
-
-
-# ----------------------------------------------------------------------------- accelerate
-def reset_accelerate() -> None:
-    """Forget accelerate's process-wide state (a new Accelerator may use another precision)."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
-def resolve_precision(precision: str, cpu: bool) -> str:
-    """accelerate's mixed_precision for a config value ('no', 'bf16' or 'fp16')."""
-    if precision == "fp32":
-        return "no"
-    if precision == "auto":
-        if cpu or not torch.cuda.is_available():
-            return "no"
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if precision == "fp16" and cpu:
-        raise ConfigError("precision 'fp16' needs a GPU; use fp32 (or bf16) on CPU")
-    return precision
-
-
-def make_accelerator(cfg: TrainConfig) -> Any:
-    from accelerate import Accelerator
-
-    if cfg.device not in ("auto", "cpu", "cuda", "mps"):
-        raise ConfigError(f"'device' must be auto, cpu, cuda or mps, got '{cfg.device}'")
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' was requested but no CUDA GPU is available")
-    mps = getattr(torch.backends, "mps", None)
-    has_mps = bool(mps is not None and mps.is_available())
-    cpu = cfg.device == "cpu" or (not torch.cuda.is_available() and not
-                                  (has_mps and cfg.device in ("auto", "mps")))
-    reset_accelerate()
-    return Accelerator(cpu=cpu, mixed_precision=resolve_precision(cfg.precision, cpu),
-                       step_scheduler_with_optimizer=False)
-
-
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases, norms, logit scale / bias and position tables."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        plain = p.ndim < 2 or any(k in name.lower() for k in NO_DECAY)
-        (no_decay if plain else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return adamw([g for g in groups if g["params"]], lr=cfg.optim.lr)
 
 
 def build_objective(cfg: TrainConfig, data: TrainData, accelerator: Any) -> Objective:
@@ -120,50 +83,35 @@ def build_objective(cfg: TrainConfig, data: TrainData, accelerator: Any) -> Obje
     return ClassifyObjective(cfg, data, accelerator)
 
 
-# ----------------------------------------------------------------------------- logging
-class RunLog:
-    """log.csv (rewritten from the history) and TensorBoard scalars."""
-
-    def __init__(self, out: Path, history: list[dict[str, Any]], purge_step: int | None,
-                 enabled: bool) -> None:
-        self.path, self.history, self.enabled = out / "log.csv", history, enabled
-        self.writer = None
-        if enabled:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=purge_step)
-
-    def add(self, row: dict[str, Any]) -> None:
-        self.history.append(row)
-        if self.writer is not None:
-            for k, v in row.items():
-                if k not in ("step", "epoch") and isinstance(v, (int, float)):
-                    self.writer.add_scalar(k, v, row["step"])
-
-    def flush(self) -> None:
-        if not self.enabled:
-            return
-        columns: list[str] = []
-        for row in self.history:
-            columns.extend(k for k in row if k not in columns)
-        tmp = self.path.with_suffix(".csv.tmp")
-        with tmp.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(self.history)
-        tmp.replace(self.path)
-        if self.writer is not None:
-            self.writer.flush()
-
-    def close(self) -> None:
-        self.flush()
-        if self.writer is not None:
-            self.writer.close()
-
-
 def _say(accelerator: Any, message: str) -> None:
     if accelerator.is_main_process:
         tqdm.write(message)
+
+
+# ----------------------------------------------------------------------------- state
+@dataclass
+class TrainState:
+    """Everything a checkpoint must restore to continue a run exactly (state.json)."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # epochs finished
+    batch: int = 0  # step batches of the current epoch's plan done
+    plan: list[list[int]] | None = None  # the current epoch's global step batches
+    best: float | None = None
+    best_metrics: dict[str, Any] | None = None
+    bad_evals: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    start_metrics: dict[str, float] | None = None
+    last_metrics: dict[str, float] | None = None
+    stopped_early: bool = False
+    skipped: dict[str, int] = field(default_factory=dict)  # all processes, at the last save
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> TrainState:
+        return cls(**{f.name: raw[f.name] for f in fields(cls) if f.name in raw})
 
 
 # ----------------------------------------------------------------------------- training
@@ -173,282 +121,360 @@ def train(config: TrainConfig | dict | str | Path, *, overrides: list[str] | dic
     """Train per the config; return the output folder (see docs: "Training outputs").
 
     `resume=True` continues from `OUT/checkpoints/last` exactly (same final weights as an
-    uninterrupted run). `callback(info)` is called after every optimizer step (its "loss" is
-    a 0-d tensor on the device: reading it syncs the host with the GPU).
+    uninterrupted run). `callback(info)` is called after every optimizer step. Under
+    `accelerate launch` / `torchrun` every process runs this (docs/scaling.md).
     """
     cfg = load_config(config, overrides)
     if cfg.objective == "probe":
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ConfigError("objective 'probe' trains in one process (seconds on a CPU): "
+                              "run it without accelerate launch / torchrun")
         try:
             from medsig.train.probe import train_probe
         except ImportError:
             raise ConfigError("objective 'probe' is not available in this build") from None
         return train_probe(cfg)
     with training_threads(cfg.threads, loader_workers(cfg.num_workers), cfg.device):
-        return _train(cfg, resume, callback)
+        return Trainer(cfg, resume, callback).run()
 
 
-def _train(cfg: TrainConfig, resume: bool,
-           callback: Callable[[dict[str, Any]], None] | None) -> Path:
-    started = time.perf_counter()
-    out = Path(cfg.out)
-    last, best = out / "checkpoints" / "last", out / "checkpoints" / "best"
-    _check_out(out, last, resume)
-    from accelerate.utils import set_seed
+class Trainer:
+    """One run: set-up, the epochs, evaluation, checkpoints and the final save.
 
-    set_seed(cfg.seed)
-    accelerator = make_accelerator(cfg)
-    data = load_train_data(cfg)
-    objective = build_objective(cfg, data, accelerator)
-    _say(accelerator, f"medsig train {cfg.objective}: {objective.report}")
-    if cfg.init_note:
-        _say(accelerator, cfg.init_note)
-    optimizer = make_optimizer(objective.model, cfg)
-    _, optimizer = accelerator.prepare(objective.model, optimizer)
+    Several processes (DDP): each loads its contiguous slice of every global micro-batch
+    (`optim.batch_size` is the global batch), objectives compute their loss on the global
+    batch, and every decision (plan, best checkpoint, early stopping) is taken from values
+    that are equal on every process; files are written by the main process.
+    """
 
-    step_size = cfg.optim.batch_size * cfg.optim.grad_accum
-    pool0 = epoch_pool(data.train, cfg, data.labels, 0)
-    drop_last = cfg.objective == "contrastive"
-    per_epoch = (1 if len(pool0) <= step_size else
-                 (len(pool0) // step_size if drop_last else math.ceil(len(pool0) / step_size)))
-    total = cfg.optim.max_steps or cfg.optim.epochs * per_epoch
-    epochs = math.ceil(total / per_epoch)
-    from transformers import get_cosine_schedule_with_warmup
+    def __init__(self, cfg: TrainConfig, resume: bool,
+                 callback: Callable[[dict[str, Any]], None] | None) -> None:
+        self.started = time.perf_counter()
+        self.cfg, self.callback = cfg, callback
+        self.out = Path(cfg.out)
+        self.last = self.out / "checkpoints" / "last"
+        self.best_dir = self.out / "checkpoints" / "best"
+        check_out(self.out, self.last, resume)
+        from accelerate.utils import set_seed
 
-    scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.optim.warmup_for(total), total)
-    scaler = accelerator.scaler
-    state: dict[str, Any] = {"step": 0, "epoch": 0, "batch": 0, "plan": None, "best": None,
-                             "best_metrics": None, "bad_evals": 0, "history": [],
-                             "start_metrics": None, "last_metrics": None,
-                             "stopped_early": False, "skipped": {}}
-    resumed = resume and (last / ckpt.STATE).is_file()
-    if resumed:
-        state = ckpt.load_checkpoint(last, model=objective.model, optimizer=optimizer,
-                                     scheduler=scheduler, scaler=scaler)
-        _say(accelerator, f"resumed from {last} at step {state['step']} (epoch "
-                          f"{state['epoch'] + 1}, batch {state['batch']})")
-    out.mkdir(parents=True, exist_ok=True)
-    if resumed:
-        _check_same_config(cfg, out / "config.yaml")
-    dump_config(cfg, out / "config.yaml")
-    log = RunLog(out, state["history"], state["step"] if resumed else None,
-                 accelerator.is_main_process)
+        set_seed(cfg.seed)
+        self.accelerator = acc = make_accelerator(cfg)
+        self.rank, self.world = world()
+        self.data = load_train_data(cfg)
+        self.objective = build_objective(cfg, self.data, acc)
+        self.say(f"medsig train {cfg.objective}: {self.objective.report}"
+                 + (f" ({self.world} processes)" if self.world > 1 else ""))
+        optimizer = make_optimizer(self.objective.model, cfg)
+        self.objective.net, self.optimizer = prepare(
+            acc, self.objective.net, optimizer, self.objective.find_unused_parameters)
+        self._schedule()
+        self.state = TrainState()
+        self.resumed = resume and (self.last / ckpt.STATE).is_file()
+        if self.resumed:
+            self._load_last()
+        self._write_config()
+        self.base_skipped = dict(self.state.skipped)
+        self.local_skipped: dict[str, int] = {}
+        self.log = RunLog(self.out, self.state.history,
+                          self.state.step if self.resumed else None, acc.is_main_process)
+        self.losses = StepLosses(acc.device)
+        self._loaders()
 
-    size = objective.image_size
-    augment = None
-    if cfg.data.augment:
-        from medsig.data.transforms import Augment
+    # -- set-up ----------------------------------------------------------------------------
+    def say(self, message: str) -> None:
+        _say(self.accelerator, message)
 
-        augment = Augment(size)
-    train_ds = RowImages(data.train.image_paths, objective.preprocess, augment, cfg.seed)
-    plain_ds = RowImages(data.train.image_paths, objective.preprocess)
-    val_ds = RowImages(data.val.image_paths, objective.preprocess)
-    eval_bs = max(cfg.optim.batch_size, 32)
-    workers = loader_workers(cfg.num_workers)
-    # worker processes start once per run (not per epoch): persistent loaders
-    train_loader = PersistentLoader(train_ds, workers, seed_of(cfg.seed, "loader") % 2**63,
-                                    cfg.prefetch)
-    val_loader = PersistentLoader(val_ds, workers, prefetch=cfg.prefetch)
-    plain_loader = PersistentLoader(plain_ds, workers, prefetch=cfg.prefetch)
+    def _schedule(self) -> None:
+        """Steps per epoch, total steps and the cosine schedule."""
+        from transformers import get_cosine_schedule_with_warmup
 
-    def val_batches() -> Iterable[Batch]:
-        return _count_skips(val_loader(eval_batches(len(val_ds), eval_bs)), state, "val")
+        cfg = self.cfg
+        self.step_size = cfg.optim.batch_size * cfg.optim.grad_accum
+        pool0 = epoch_pool(self.data.train, cfg, self.data.labels, 0)
+        drop_last = cfg.objective == "contrastive"
+        size = self.step_size
+        self.per_epoch = (1 if len(pool0) <= size else
+                          (len(pool0) // size if drop_last else math.ceil(len(pool0) / size)))
+        self.total = cfg.optim.max_steps or cfg.optim.epochs * self.per_epoch
+        self.epochs = math.ceil(self.total / self.per_epoch)
+        self.scheduler = get_cosine_schedule_with_warmup(
+            self.optimizer, math.ceil(cfg.optim.warmup_ratio * self.total), self.total)
 
-    def plain_train() -> Iterable[Batch]:
-        return plain_loader(eval_batches(len(plain_ds), eval_bs))
+    def _load_last(self) -> None:
+        raw = ckpt.load_checkpoint(self.last, model=self.objective.model,
+                                   optimizer=self.optimizer, scheduler=self.scheduler,
+                                   scaler=self.accelerator.scaler)
+        self.state = TrainState.from_dict(raw)
+        s = self.state
+        self.say(f"resumed from {self.last} at step {s.step} (epoch {s.epoch + 1}, batch "
+                 f"{s.batch})")
 
-    metric, mode = cfg.metric, cfg.mode
+    def _write_config(self) -> None:
+        """config.yaml, after every process compared it with the run being resumed."""
+        acc = self.accelerator
+        if self.resumed:
+            check_same_config(self.cfg, self.out / "config.yaml")
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            dump_config(self.cfg, self.out / "config.yaml")
+        acc.wait_for_everyone()
 
-    def run_eval(epoch: int, candidate: bool = True) -> None:
-        """Validate; a candidate evaluation may become the best checkpoint (the baseline
-        before training is logged for comparison only)."""
-        read_losses()
-        metrics = objective.evaluate(val_batches())
-        if metric not in metrics:
-            raise ConfigError(f"eval.best_metric '{metric}' is not computed by objective "
+    def _loaders(self) -> None:
+        """Persistent loaders (worker processes start once per run, not per epoch)."""
+        cfg, objective = self.cfg, self.objective
+        augment = None
+        if cfg.data.augment:
+            from medsig.data.transforms import Augment
+
+            augment = Augment(objective.image_size)
+        paths = self.data.train.image_paths
+        workers = loader_workers(cfg.num_workers)
+        self.train_loader = PersistentLoader(
+            RowImages(paths, objective.preprocess, augment, cfg.seed), workers,
+            seed_of(cfg.seed, "loader") % 2**63, cfg.prefetch)
+        self.val_loader = PersistentLoader(RowImages(self.data.val.image_paths,
+                                                     objective.preprocess), workers,
+                                           prefetch=cfg.prefetch)
+        self.plain_loader = PersistentLoader(RowImages(paths, objective.preprocess), workers,
+                                             prefetch=cfg.prefetch)
+        self.eval_bs = max(cfg.optim.batch_size, 32)
+
+    # -- data ------------------------------------------------------------------------------
+    def _count_skips(self, batches: Iterable[Batch], where: str) -> Iterable[Batch]:
+        for b in batches:
+            for _, reason in ([] if b.ghost else b.skipped):
+                key = f"{where}/{reason}"
+                self.local_skipped[key] = self.local_skipped.get(key, 0) + 1
+            yield b
+
+    def _my_rows(self, n: int) -> list[list[int]]:
+        """This process's contiguous share of rows 0..n-1, in evaluation batches."""
+        mine = shard(range(n), self.rank, self.world)
+        return [mine[i:i + self.eval_bs] for i in range(0, len(mine), self.eval_bs)]
+
+    def val_batches(self) -> Iterable[Batch]:
+        """This process's val rows (each val row is read by one process)."""
+        return self._count_skips(self.val_loader(self._my_rows(len(self.data.val))), "val")
+
+    def plain_train(self) -> Iterable[Batch]:
+        return self.plain_loader(self._my_rows(len(self.data.train)))
+
+    def _epoch_plan(self, epoch: int) -> list[list[int]]:
+        """The epoch's global step batches: derived from the seed, equal on every process
+        (rank 0's plan is sent to all, so even float ties cannot make them differ)."""
+        pool = epoch_pool(self.data.train, self.cfg, self.data.labels, epoch)
+        plan = self.objective.plan(epoch, pool, self.step_size,
+                                   seed_of(self.cfg.seed, "order", epoch), self.plain_train)
+        return broadcast(plan)
+
+    def _my_slice(self, micro_batch: list[int]) -> tuple[list[int], bool]:
+        """This process's rows of a global micro-batch, or (first row, ghost) when none."""
+        mine = shard(micro_batch, self.rank, self.world)
+        return (mine, False) if mine else (micro_batch[:1], True)
+
+    def _local_steps(self, epoch: int, plan: list[list[int]]) -> Iterator[list[Batch]]:
+        """Per remaining step batch of the plan: this process's slice of each micro-batch,
+        loaded (a ghost row where the slice is empty)."""
+        steps = [[self._my_slice(m) for m in micro_batches(s, self.cfg.optim.batch_size)]
+                 for s in plan[self.state.batch:]]
+        slices = [sl for ms in steps for sl in ms]
+
+        def marked(batches: Iterable[Batch]) -> Iterator[Batch]:
+            for b, (_, ghost) in zip(batches, slices):
+                b.ghost = ghost
+                yield b
+
+        keys = [[(epoch, r) for r in rows] for rows, _ in slices]
+        loaded = iter(self._count_skips(marked(self.train_loader(keys)), "train"))
+        for ms in steps:
+            yield [next(loaded) for _ in ms]
+
+    def _kept(self, batches: list[Batch]) -> list[Batch]:
+        """The micro-batches with a row on some process (all images unreadable: dropped)."""
+        if self.world == 1:
+            return [b for b in batches if b.rows]
+        counts = sum_counts(torch.tensor([0 if b.ghost else len(b.rows) for b in batches],
+                                         device=self.accelerator.device))
+        kept = [b for b, n in zip(batches, counts.tolist()) if n > 0]
+        if any(not b.rows for b in kept):
+            raise MedsigError("a process's whole share of a training batch was unreadable "
+                              "under several processes; fix or drop the unreadable images")
+        return kept
+    # -- the run ---------------------------------------------------------------------------
+    def run(self) -> Path:
+        state = self.state
+        try:
+            if not self.resumed and self.cfg.eval.at_start:
+                self.run_eval(0, candidate=False)
+                state.start_metrics = state.last_metrics
+            self.objective.model.train()
+            for epoch in range(state.epoch, self.epochs):
+                if state.step >= self.total or state.stopped_early:
+                    break
+                self._epoch(epoch)
+                self._after_epoch(epoch)
+            if state.last_metrics is None or state.history[-1].get(self.cfg.metric) is None:
+                self.run_eval(state.epoch)
+                self.save_last()
+            seconds = time.perf_counter() - self.started
+            self.state.skipped = self._skipped()
+            return _finish(self.cfg, self.data, self.objective, self.accelerator, state,
+                           self.val_batches, self.best_dir, self.out, seconds, self.total)
+        finally:
+            self.log.close()
+            for loader in (self.train_loader, self.val_loader, self.plain_loader):
+                loader.stop()
+
+    def _epoch(self, epoch: int) -> None:
+        """The remaining step batches of one epoch."""
+        state = self.state
+        self.objective.begin_epoch(epoch)
+        if state.plan is None:
+            state.plan = self._epoch_plan(epoch)
+            state.batch = 0
+        plan = state.plan
+        bar = tqdm(total=len(plan), initial=state.batch, desc=f"epoch {epoch + 1}/"
+                   f"{self.epochs}", disable=not self.accelerator.is_main_process, leave=False)
+        try:
+            for batches in self._local_steps(epoch, plan):
+                if state.step >= self.total:
+                    break
+                state.batch += 1
+                bar.update(1)
+                batches = self._kept(batches)
+                if not batches:
+                    continue
+                loss = self.objective.step(batches)  # on the device: read in read_losses
+                self._optimizer_step(loss, epoch, bar)
+        finally:
+            bar.close()
+            self.train_loader.stop()
+
+    def _optimizer_step(self, loss: Tensor, epoch: int, bar: Any) -> None:
+        """Clip, step, schedule, log (the loss is read every few steps, see StepLosses);
+        a checkpoint every `eval.save_every_steps`."""
+        state, acc, cfg = self.state, self.accelerator, self.cfg
+        if cfg.optim.grad_clip is not None:
+            acc.clip_grad_norm_(self.objective.net.parameters(), cfg.optim.grad_clip)
+        self.optimizer.step()
+        if not acc.optimizer_step_was_skipped:
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        lr = float(self.scheduler.get_last_lr()[0])
+        self.losses.add({"step": state.step, "epoch": epoch + 1, "train/loss": None,
+                         "train/lr": lr}, loss)
+        every = cfg.eval.save_every_steps
+        if every and state.step % every == 0 and state.batch < len(state.plan or []):
+            self.save_last()
+        elif self.losses.due() and (value := self.read_losses()) is not None:
+            bar.set_postfix(loss=f"{value:.4f}")
+        if self.callback is not None:
+            self.callback({"step": state.step, "epoch": epoch + 1, "loss": loss, "lr": lr,
+                           "out": self.out})
+
+    def read_losses(self) -> float | None:
+        """The queued step losses into the log (one host sync); a non-finite one stops."""
+        return self.losses.flush(self.log.add, self._diverged)
+
+    def _diverged(self, step: int, loss: float) -> None:
+        """A non-finite loss at `step` (equal on every process): keep the last good
+        checkpoint, stop."""
+        main = self.accelerator.is_main_process
+        good = broadcast(ckpt.roll_back(self.last, step - 1) if main else None)
+        kept = (f"the last good checkpoint (step {good}) is kept in {self.last}"
+                if good is not None else "no good checkpoint had been written")
+        raise ConfigError(f"the loss became {loss} at step {step} (epoch "
+                          f"{self.state.epoch + 1}); training stopped, {kept} - lower "
+                          "optim.lr or check the data", file=self.cfg.source)
+
+    def _after_epoch(self, epoch: int) -> None:
+        """Close a finished epoch, evaluate when due, early stopping, checkpoint."""
+        state, cfg = self.state, self.cfg
+        finished_epoch = state.batch >= len(state.plan or [])
+        if finished_epoch:
+            state.epoch, state.plan, state.batch = epoch + 1, None, 0
+        if (finished_epoch and (epoch + 1) % cfg.eval.eval_every == 0) \
+                or state.step >= self.total:
+            self.run_eval(epoch + 1)
+            patience = cfg.eval.patience
+            if patience is not None and state.bad_evals >= patience:
+                state.stopped_early = True
+                self.say(f"early stopping: no improvement of {cfg.metric} in {patience} "
+                         "evaluation(s)")
+        self.save_last()
+
+    def run_eval(self, epoch: int, candidate: bool = True) -> None:
+        """Validate (predictions of every process); a candidate evaluation may become the
+        best checkpoint (the baseline before training is logged for comparison only)."""
+        state, cfg = self.state, self.cfg
+        self.read_losses()
+        metrics = self.objective.evaluate(self.val_batches())
+        if cfg.metric not in metrics:
+            raise ConfigError(f"eval.best_metric '{cfg.metric}' is not computed by objective "
                               f"'{cfg.objective}' (available: {', '.join(sorted(metrics))})")
-        log.add({"step": state["step"], "epoch": epoch, **metrics})
-        state["last_metrics"] = metrics
-        value = metrics[metric]
-        better = candidate and (not math.isnan(value)) and (state["best"] is None or (
-            value > state["best"] if mode == "max" else value < state["best"]))
+        self.log.add({"step": state.step, "epoch": epoch, **metrics})
+        state.last_metrics = metrics
+        value = metrics[cfg.metric]
+        better = candidate and (not math.isnan(value)) and (state.best is None or (
+            value > state.best if cfg.mode == "max" else value < state.best))
         if better:
-            state.update(best=value, best_metrics={**metrics, "step": state["step"],
-                                                   "epoch": epoch}, bad_evals=0)
-            if accelerator.is_main_process:
-                ckpt.save_weights(best, objective.model, state["best_metrics"])
+            state.best, state.bad_evals = value, 0
+            state.best_metrics = {**metrics, "step": state.step, "epoch": epoch}
+            if self.accelerator.is_main_process:
+                ckpt.save_weights(self.best_dir, self.objective.model, state.best_metrics)
         elif candidate:
-            state["bad_evals"] += 1
-        _say(accelerator, f"eval step {state['step']}: " + ", ".join(
+            state.bad_evals += 1
+        self.say(f"eval step {state.step}: " + ", ".join(
             f"{k}={v:.4f}" for k, v in metrics.items()) + (" (best)" if better else ""))
 
-    losses = StepLosses(accelerator.device)
+    def _skipped(self) -> dict[str, int]:
+        """Unreadable images of every process since the start (or the resumed checkpoint)."""
+        total = dict(self.base_skipped)
+        for k, v in merge_counters(self.local_skipped).items():
+            total[k] = total.get(k, 0) + v
+        return total
 
-    def bad_loss(step: int, loss: float) -> None:
-        good = ckpt.roll_back(last, step - 1)
-        kept = (f"the last good checkpoint (step {good}) is kept in {last}"
-                if good is not None else "no good checkpoint had been written")
-        raise ConfigError(f"the loss became {loss} at step {step} (epoch {state['epoch'] + 1}"
-                          f"); training stopped, {kept} - lower optim.lr or check the data",
-                          file=cfg.source)
-
-    def read_losses() -> float | None:
-        """The queued step losses into the log (one host sync); a non-finite one stops."""
-        return losses.flush(log.add, bad_loss)
-
-    def save_last() -> None:
-        read_losses()
-        log.flush()
-        if accelerator.is_main_process:
-            ckpt.save_checkpoint(last, model=objective.model, optimizer=optimizer,
-                                 scheduler=scheduler, scaler=scaler, state=state)
-
-    if not resumed and cfg.eval.at_start:
-        run_eval(0, candidate=False)
-        state["start_metrics"] = state["last_metrics"]
-    objective.model.train()
-    params = [p for p in objective.model.parameters() if p.requires_grad]
-    try:
-        for epoch in range(state["epoch"], epochs):
-            if state["step"] >= total or state["stopped_early"]:
-                break
-            objective.begin_epoch(epoch)
-            if state["plan"] is None:
-                pool = epoch_pool(data.train, cfg, data.labels, epoch)
-                state["plan"] = objective.plan(epoch, pool, step_size,
-                                               seed_of(cfg.seed, "order", epoch), plain_train)
-                state["batch"] = 0
-            plan: list[list[int]] = state["plan"]
-            steps = [micro_batches(s, cfg.optim.batch_size) for s in plan[state["batch"]:]]
-            loader = iter(_count_skips(train_loader(
-                [[(epoch, r) for r in m] for ms in steps for m in ms]), state, "train"))
-            bar = tqdm(total=len(plan), initial=state["batch"], desc=f"epoch {epoch + 1}/"
-                       f"{epochs}", disable=not accelerator.is_main_process, leave=False)
-            try:
-                for ms in steps:
-                    if state["step"] >= total:
-                        break
-                    batches = [b for b in (next(loader) for _ in ms) if b.rows]
-                    state["batch"] += 1
-                    bar.update(1)
-                    if not batches:
-                        continue
-                    loss = objective.step(batches)  # on the device: read in read_losses
-                    if cfg.optim.grad_clip is not None:
-                        accelerator.clip_grad_norm_(params, cfg.optim.grad_clip)
-                    optimizer.step()
-                    if not accelerator.optimizer_step_was_skipped:
-                        scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    state["step"] += 1
-                    lr = float(scheduler.get_last_lr()[0])
-                    losses.add({"step": state["step"], "epoch": epoch + 1, "train/loss": None,
-                                "train/lr": lr}, loss)
-                    every = cfg.eval.save_every_steps
-                    if every and state["step"] % every == 0 and state["batch"] < len(plan):
-                        save_last()
-                    elif losses.due() and (value := read_losses()) is not None:
-                        bar.set_postfix(loss=f"{value:.4f}")
-                    if callback is not None:
-                        callback({"step": state["step"], "epoch": epoch + 1, "loss": loss,
-                                  "lr": lr, "out": out})
-            finally:
-                bar.close()
-                train_loader.stop()
-            finished_epoch = state["batch"] >= len(plan)
-            if finished_epoch:
-                state.update(epoch=epoch + 1, plan=None, batch=0)
-            if (finished_epoch and (epoch + 1) % cfg.eval.eval_every == 0) \
-                    or state["step"] >= total:
-                run_eval(epoch + 1)
-                patience = cfg.eval.patience
-                if patience is not None and state["bad_evals"] >= patience:
-                    state["stopped_early"] = True
-                    _say(accelerator, f"early stopping: no improvement of {metric} in "
-                                      f"{patience} evaluation(s)")
-            save_last()
-        if state["last_metrics"] is None or state["history"][-1].get(metric) is None:
-            run_eval(state["epoch"])
-            save_last()
-        seconds = time.perf_counter() - started
-        return _finish(cfg, data, objective, accelerator, state, val_batches, best, out,
-                       seconds, total)
-    finally:
-        log.close()
-        for loader in (train_loader, val_loader, plain_loader):
-            loader.stop()
-
-
-def _count_skips(batches: Iterable[Batch], state: dict[str, Any], where: str
-                 ) -> Iterable[Batch]:
-    for b in batches:
-        for _, reason in b.skipped:
-            key = f"{where}/{reason}"
-            state["skipped"][key] = state["skipped"].get(key, 0) + 1
-        yield b
-
-
-RESUME_MAY_CHANGE = ("optim.epochs", "optim.max_steps", "eval.patience", "num_workers",
-                     "threads", "prefetch", "device", "out", "eval.at_start")
-
-
-def _check_same_config(cfg: TrainConfig, saved: Path) -> None:
-    """Resuming with other settings would not continue the same run: refuse, naming the key."""
-    if not saved.is_file():
-        return
-    old = _flat(load_config(saved).to_dict())
-    for key, value in _flat(cfg.to_dict()).items():
-        if key not in RESUME_MAY_CHANGE and old.get(key) != value:
-            raise ConfigError(f"cannot resume with a different '{key}' ({old.get(key)!r} -> "
-                              f"{value!r}); use the run's config.yaml or another 'out'",
-                              file=saved)
-
-
-def _flat(raw: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in raw.items():
-        if isinstance(v, dict) and k not in ("thresholds", "oversample"):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def _check_out(out: Path, last: Path, resume: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise ConfigError("'out' exists and is not a folder", file=out)
-    if resume or not out.is_dir():
-        return
-    if (out / "medsig.json").exists() or last.exists():
-        raise ConfigError("the output folder already holds a training run; resume it "
-                          "(--resume) or choose another 'out'", file=out)
+    def save_last(self) -> None:
+        """The resumable checkpoint (main process; every process calls it)."""
+        self.read_losses()
+        self.state.skipped = self._skipped()
+        self.log.flush()
+        if self.accelerator.is_main_process:
+            ckpt.save_checkpoint(self.last, model=self.objective.model,
+                                 optimizer=self.optimizer, scheduler=self.scheduler,
+                                 scaler=self.accelerator.scaler, state=self.state.to_dict())
 
 
 def _finish(cfg: TrainConfig, data: TrainData, objective: Objective, accelerator: Any,
-            state: dict[str, Any], val_batches: Callable[[], Iterable[Batch]], best: Path,
+            state: TrainState, val_batches: Callable[[], Iterable[Batch]], best: Path,
             out: Path, seconds: float, total: int) -> Path:
-    """Load the best weights, save the model, medsig.json and the model card."""
+    """Load the best weights, save the model, medsig.json and the model card (the main
+    process writes; every process takes part in the final validation pass)."""
     from medsig.train.output import build_artifact, write_outputs
 
+    accelerator.wait_for_everyone()  # the main process has written the best weights
     if (best / ckpt.WEIGHTS).is_file():
         ckpt.load_weights(best, objective.model)
-    accelerator.wait_for_everyone()
+    extras = objective.save(out, val_batches())
     if not accelerator.is_main_process:
         return out
-    extras = objective.save(out, val_batches())
-    metrics = {"start": state["start_metrics"], "val": state["best_metrics"],
-               "last": state["last_metrics"],
-               "best": {"metric": cfg.metric, "mode": cfg.mode, "value": state["best"],
-                        "step": (state["best_metrics"] or {}).get("step")}}
-    training = {"steps": state["step"], "planned_steps": total,
-                "stopped_early": state["stopped_early"], "seconds": round(seconds, 2),
+    metrics = {"start": state.start_metrics, "val": state.best_metrics,
+               "last": state.last_metrics,
+               "best": {"metric": cfg.metric, "mode": cfg.mode, "value": state.best,
+                        "step": (state.best_metrics or {}).get("step")}}
+    training = {"steps": state.step, "planned_steps": total,
+                "stopped_early": state.stopped_early, "seconds": round(seconds, 2),
                 "precision": {"no": "fp32"}.get(str(accelerator.mixed_precision),
                                                 str(accelerator.mixed_precision)),
-                "device": str(accelerator.device), "skipped_images": state["skipped"],
-                "adapt": objective.report.to_dict()}
+                "device": str(accelerator.device), "skipped_images": state.skipped,
+                "adapt": objective.report.to_dict(),
+                "processes": accelerator.num_processes}
     write_outputs(out, build_artifact(cfg, out, data.collection, data.counts, extras["heads"],
                                       objective.preprocess, prompts=extras["prompts"],
                                       metrics=metrics, training=training))
-    _say(accelerator, f"saved {out} ({state['step']} steps, {seconds:.1f} s)")
+    _say(accelerator, f"saved {out} ({state.step} steps, {seconds:.1f} s)")
     return out
 
 
