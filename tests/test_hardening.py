@@ -62,3 +62,58 @@ def test_subgroups_show_n_flag_small_and_name_missing(tmp_path):
     md = render_markdown(subgroup_section({"subgroups": tables, "model_order": ["model"]}))
     assert "MISSING" not in md and "not recorded ⚠ small" in md
     assert "| m | Absent ⚠ small | 2 (2) |" in md  # n images (groups) beside the metric
+
+
+def test_progress_in_a_log_is_a_few_whole_lines(monkeypatch, capsys):
+    import medsig.progress as P
+    from medsig.index.runner import _progress
+
+    clock = [0.0]
+    monkeypatch.setattr(P.time, "monotonic", lambda: clock[0])
+    bar = _progress(2000, True)  # what `medsig embed ... > log 2>&1` gets
+    assert isinstance(bar, P.LineProgress)
+    for _ in range(2000):  # 2,000 images over 200 s
+        clock[0] += 0.1
+        bar.update(1)
+    bar.close()
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = err.splitlines()
+    assert 5 <= len(lines) <= 12, lines
+    assert lines[-1].startswith("embed: 2000/2000 img (100%) done in 200.0 s")
+
+
+def test_progress_on_a_terminal_is_a_live_bar_and_can_be_off(monkeypatch):
+    import io
+
+    from tqdm.auto import tqdm
+
+    import medsig.progress as P
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    assert isinstance(P.progress_bar(10, "x", stream=Tty()), tqdm)
+    monkeypatch.setenv("MEDSIG_PROGRESS", "off")
+    quiet = io.StringIO()
+    bar = P.progress_bar(10, "x", stream=quiet)
+    bar.update(10)
+    bar.close()
+    assert quiet.getvalue() == ""
+
+
+def test_piped_tables_are_full_width(capsys):
+    from rich.table import Table
+
+    from medsig.progress import make_console, print_table
+
+    console = make_console()
+    table = Table("metric", *[f"model_{i}" for i in range(8)])
+    table.add_row("text→image recall@1", *["0.364 [0.361–0.412]"] * 8)
+    print_table(console, table)
+    path = "/very/long/" + "folder/" * 40 + "report.html"
+    console.print(f"report: {path}")
+    out = capsys.readouterr().out
+    assert out.count("0.364 [0.361–0.412]") == 8 and "…" not in out
+    assert f"report: {path}\n" in out  # one line, never split

@@ -6,9 +6,10 @@ import ipaddress
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
-console = Console(stderr=True)
+from medsig.progress import make_console
+
+console = make_console(stderr=True)
 
 
 def serve(

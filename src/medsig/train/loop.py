@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from medsig.errors import ConfigError, MedsigError
+from medsig.progress import progress_bar
 from medsig.train import checkpoint as ckpt
 from medsig.train.config import TrainConfig, dump_config, load_config
 from medsig.train.data import (
@@ -304,8 +305,8 @@ def _train(cfg: TrainConfig, resume: bool,
             steps = [micro_batches(s, cfg.optim.batch_size) for s in plan[state["batch"]:]]
             loader = iter(_count_skips(train_loader(
                 [[(epoch, r) for r in m] for ms in steps for m in ms]), state, "train"))
-            bar = tqdm(total=len(plan), initial=state["batch"], desc=f"epoch {epoch + 1}/"
-                       f"{epochs}", disable=not accelerator.is_main_process, leave=False)
+            bar = progress_bar(len(plan), f"epoch {epoch + 1}/{epochs}", "step", state["batch"],
+                               disable=not accelerator.is_main_process)
             try:
                 for ms in steps:
                     if state["step"] >= total:
