@@ -42,7 +42,7 @@ def test_bias_corrected_nmi_interval_stays_in_range():
 
     rng = np.random.default_rng(1)
     y, c = rng.integers(0, 3, 40), rng.integers(0, 4, 40)  # unrelated: NMI near 0
-    res = _ci(_nmi, (y, c), np.arange(40), n_boot=200, seed=0, bias_correct=True)
+    res = _ci(_nmi, (y, c), np.arange(40), n_boot=100, seed=0, bias_correct=True)
     assert res["bias"] > 0 and res["low_uncorrected"] - res["bias"] < 0  # would go below 0
     assert 0.0 <= res["low"] <= res["high"] <= 1.0
 
@@ -117,3 +117,16 @@ def test_piped_tables_are_full_width(capsys):
     out = capsys.readouterr().out
     assert out.count("0.364 [0.361–0.412]") == 8 and "…" not in out
     assert f"report: {path}\n" in out  # one line, never split
+
+
+def test_hugging_face_bars_are_off_in_a_log():
+    import os
+    import subprocess
+    import sys
+
+    code = ("import medsig\nfrom transformers.utils import logging\n"
+            "print(logging.is_progress_bar_enabled())")
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_DISABLE_PROGRESS_BARS"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert out.stdout.strip() == "False", out.stderr[-500:]

@@ -4,7 +4,10 @@ On a terminal: a live tqdm bar and a console as wide as the window. Not on a ter
 file, CI, ``> log 2>&1``): no carriage-return bars, only a plain line per ``EVERY_PCT`` % of
 progress (at most one per ``MIN_INTERVAL_S`` seconds, and one per ``HEARTBEAT_S`` seconds
 while anything moves), and a console that never wraps lines or cuts table cells.
-``MEDSIG_PROGRESS=off`` turns progress output off everywhere.
+``MEDSIG_PROGRESS=off`` turns progress output off everywhere. Hugging Face's own bars
+("Loading weights", "Writing model shards") are turned off when stderr is not a terminal
+(:func:`quiet_library_bars`, run when medsig is imported; ``HF_HUB_DISABLE_PROGRESS_BARS=0``
+keeps them).
 """
 
 from __future__ import annotations
@@ -26,6 +29,22 @@ def is_terminal(stream: TextIO | None = None) -> bool:
         return bool(stream.isatty())
     except (AttributeError, ValueError):
         return False
+
+
+def quiet_library_bars() -> None:
+    """Hugging Face progress bars off when stderr is not a terminal (set before import)."""
+    if is_terminal(sys.stderr):
+        return
+    if os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1") != "1":
+        return
+    if "huggingface_hub" in sys.modules:  # imported before medsig: switch it off directly
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 class LineProgress:
