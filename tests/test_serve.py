@@ -245,6 +245,20 @@ def test_every_bad_upload_gets_a_json_4xx(live, env) -> None:
     expect_error(live.post("/v1/embed", data={}), 422, "missing_field")
 
 
+def test_an_elongated_image_never_builds_a_huge_canvas(live, monkeypatch) -> None:
+    buf = BytesIO()
+    Image.new("RGB", (1, 20_000), (200, 0, 0)).save(buf, format="PNG")  # 100 bytes or so
+    real_new = Image.new
+
+    def guarded(mode, size, *args, **kwargs):
+        assert size[0] * size[1] <= 4_000_000, f"a {size} canvas for a 1 x 20,000 upload"
+        return real_new(mode, size, *args, **kwargs)
+
+    monkeypatch.setattr(Image, "new", guarded)  # the server runs in this process
+    r = live.post("/v1/predict", files={"file": ("strip.png", buf.getvalue())})
+    assert r.status_code == 200, r.text
+
+
 def test_uploads_never_touch_the_disk(live, env, monkeypatch) -> None:
     import tempfile
 
