@@ -256,7 +256,8 @@ def _load_dicom(data: bytes, where: str, max_pixels: int | None, force: bool = F
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=force)
         rows, cols = int(ds.Rows), int(ds.Columns)
-        _check_pixels((cols, rows), max_pixels, where)
+        frames = max(int(getattr(ds, "NumberOfFrames", 1) or 1), 1)
+        _check_pixels((cols, rows * frames), max_pixels, where)  # every frame is decoded
         pixels = ds.pixel_array
     except ImageError:
         raise
