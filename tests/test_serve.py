@@ -319,6 +319,37 @@ def test_thumbnails_only_serve_indexed_images(live, env) -> None:
         assert live.get(f"/v1/cases/{bad}/thumbnail").status_code == 404
 
 
+def test_thumbnail_outside_the_image_root_is_a_clear_403(env, tmp_path) -> None:
+    import os
+
+    from starlette.testclient import TestClient
+
+    from medsig.index.store import point_id
+
+    root = tmp_path / "images"
+    root.mkdir()
+    Image.new("RGB", (32, 32)).save(root / "ok.png")
+    Image.new("RGB", (32, 32)).save(tmp_path / "secret.png")
+    os.symlink(tmp_path / "secret.png", root / "link.png")
+    images = {"a": "ok.png", "b": "../secret.png", "c": "link.png",
+              "d": str(tmp_path / "secret.png")}
+    by_pid = {point_id(k): SimpleNamespace(payload={"image": v}) for k, v in images.items()}
+
+    class Store:  # an index whose payloads point inside and outside the root
+        collection = "x"
+
+        def get(self, pid, with_vectors):
+            return by_pid.get(pid)
+
+    app = create_app(env.predictor, settings=ServeSettings(api_key=None, image_root=root))
+    app.state.medsig.store = Store()
+    with TestClient(app) as client:
+        assert client.get("/v1/cases/a/thumbnail").status_code == 200
+        for case in "bcd":
+            body = expect_error(client.get(f"/v1/cases/{case}/thumbnail"), 403, "outside_root")
+            assert "outside the server's image root" in body["error"]["message"]
+
+
 def test_embed_image_and_text(live, env) -> None:
     img = live.post("/v1/embed", files={"file": ("a.jpg", env.images[0].read_bytes())}).json()
     assert img["input"] == "image" and img["dim"] == env.encoder.embed_dim
