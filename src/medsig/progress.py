@@ -55,7 +55,7 @@ class LineProgress:
         self.total, self.desc, self.unit, self.n = total, desc, unit, initial
         self.stream = stream
         self.start = self.last_time = time.monotonic()
-        self.last_n, self.postfix, self.lines = initial, "", 0
+        self.last_n, self.postfix, self.lines, self.closed = initial, "", 0, False
 
     def _say(self, text: str) -> None:
         print(text, file=self.stream if self.stream is not None else sys.stderr, flush=True)
@@ -85,9 +85,11 @@ class LineProgress:
         self._say(message)
 
     def close(self) -> None:
+        if self.closed:
+            return
         if time.monotonic() - self.start >= MIN_INTERVAL_S or self.lines:
             self._say(self._line(final=True))
-        self.lines = -1  # closed: nothing more
+        self.closed = True
 
     def __enter__(self) -> LineProgress:
         return self

@@ -100,9 +100,7 @@ def image_problem(path: str | Path) -> str | None:
         return "outside_root"
     try:
         mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        return "missing"
-    except OSError:
+    except OSError:  # absent, a dangling link, a folder we may not enter
         return "missing"
     return None if stat.S_ISREG(mode) else "not_a_file"
 
