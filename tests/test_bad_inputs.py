@@ -223,7 +223,7 @@ def test_broken_jsonl_names_the_line(tmp_path: Path):
     path.write_text('{"a": 1}\n[1, 2]\n')
     with pytest.raises(DataError, match="line 2: expected a JSON object, got list"):
         read_table(path)
-    path.write_text('{"a": 1, "b": [1, 2]}\n{"a": null}\n')
+    path.write_text('\ufeff{"a": 1, "b": [1, 2]}\n{"a": null}\n', encoding="utf-8")  # BOM
     frame = read_table(path)
     assert frame["a"].tolist() == ["1", ""] and frame["b"][0] == [1, 2]
 
