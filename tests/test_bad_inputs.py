@@ -286,3 +286,15 @@ def test_multi_frame_dicom_counts_every_frame_against_the_pixel_limit():
     with pytest.raises(ImageError) as info:  # 8 frames are decoded, not one
         load_image(buf.getvalue(), max_pixels=2 * 64 * 64)
     assert info.value.reason == "too_large"
+
+
+def test_nul_byte_in_a_path_is_an_error_not_a_traceback(tmp_path: Path):
+    spec = _spec(tmp_path, [], table="t.jsonl")
+    (tmp_path / "t.jsonl").write_text('{"image_id": "i1", "file": "a\\u0000b.png", '
+                                      '"patient": "p1", "urgency": "Red"}\n')
+    with pytest.raises(DataError, match="row 1: column 'file': image path contains a NUL"):
+        load_collection(spec)
+    with pytest.raises(ImageError) as info:
+        load_image(tmp_path / "a\x00b.png")
+    assert info.value.reason == "missing" and "\x00" not in str(info.value)
+    assert image_problem(tmp_path / "a\x00b.png") == "missing"

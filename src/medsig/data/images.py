@@ -95,6 +95,8 @@ def sniff_format(data: bytes) -> str | None:
 def image_problem(path: str | Path) -> str | None:
     """Why ``path`` cannot be read, without reading it: ``outside_root``, ``missing``,
     ``not_a_file`` or None (a regular file, inside its root when it is a RootedPath)."""
+    if "\x00" in str(path):
+        return "missing"
     root = getattr(path, "image_root", None)
     if root is not None and not inside_root(path, root):
         return "outside_root"
@@ -112,6 +114,8 @@ def _read_bytes(source: str | Path | bytes, max_bytes: int | None) -> tuple[byte
         return bytes(source), "upload"
     where = str(source)
     path = where
+    if "\x00" in where:  # no file system has it: os calls would raise ValueError
+        raise _fail("missing", where.replace("\x00", "\\0"), detail="NUL byte in the path")
     root = getattr(source, "image_root", None)
     if root is not None:
         if not inside_root(where, root):
