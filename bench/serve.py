@@ -1,11 +1,16 @@
-"""Benchmark: POST /v1/predict throughput and latency, with and without micro-batching.
+"""Benchmark: POST /v1/predict throughput, latency and memory under load, with and without
+micro-batching.
 
-Starts `medsig.serve` in a subprocess on 127.0.0.1 (loopback only), then for 1, 8 and 32
-concurrent clients sends at most --requests requests (or stops after --seconds) and prints
-requests/s, p50 / p95 latency and the mean model batch size. Without --model it trains a
-probe on a tiny random SigLIP and 80 generated wound images first (a few seconds).
+Starts `medsig.serve` in a subprocess on 127.0.0.1 (loopback only, default limits: 64
+requests in progress, 256 waiting per batcher), then for 1, 32, 64 and 128 concurrent
+clients sends at most --requests requests (or stops after --seconds) and prints requests/s
+answered 200, p50 / p95 latency of those, the mean model batch size, the 503 (busy) answers,
+any other 5xx (must be 0) and the server's peak resident memory during that load (sampled
+from /proc every 20 ms). A client that gets 503 retries after 50 ms (not the advised
+Retry-After of 1 s, to keep the pressure on). Without --model it trains a probe on a tiny
+random SigLIP and 80 generated wound images first (a few seconds).
 
-    .venv/bin/python bench/serve.py [--model DIR] [--requests 200] [--seconds 20]
+    .venv/bin/python bench/serve.py [--model DIR] [--requests 300] [--seconds 20]
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -63,10 +69,44 @@ def start_server(model: Path, port: int, batching: bool) -> subprocess.Popen:
     raise RuntimeError("server did not start within 120 s")
 
 
+class PeakRss:
+    """Peak resident memory (MB) of a process while in the `with` block (Linux /proc)."""
+
+    def __init__(self, pid: int) -> None:
+        self.file = Path(f"/proc/{pid}/status")
+        self.peak = 0.0
+        self._stop = threading.Event()
+
+    def _rss(self) -> float:
+        try:
+            for line in self.file.read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        except OSError:
+            pass
+        return 0.0
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, self._rss())
+
+    def __enter__(self) -> PeakRss:
+        self.peak = self._rss()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+
+
 async def load(url: str, images: list[bytes], clients: int, requests: int, seconds: float
                ) -> dict[str, float]:
     latencies: list[float] = []
     batches: list[int] = []
+    codes: dict[int, int] = {}
     sent = 0
     deadline = time.perf_counter() + seconds
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
@@ -77,9 +117,16 @@ async def load(url: str, images: list[bytes], clients: int, requests: int, secon
                 data = images[sent % len(images)]
                 sent += 1
                 start = time.perf_counter()
-                r = await client.post("/v1/predict", files={"file": ("x.jpg", data)})
-                r.raise_for_status()
+                try:
+                    r = await client.post("/v1/predict", files={"file": ("x.jpg", data)})
+                    code = r.status_code
+                except httpx.HTTPError:
+                    code = 599  # connection refused / reset: a failure, not backpressure
                 if record:
+                    codes[code] = codes.get(code, 0) + 1
+                if code == 503:
+                    await asyncio.sleep(0.05)
+                elif code == 200 and record:
                     latencies.append(time.perf_counter() - start)
                     batches.append(r.json()["timing"]["batch_size"])
 
@@ -88,29 +135,70 @@ async def load(url: str, images: list[bytes], clients: int, requests: int, secon
         start = time.perf_counter()
         await asyncio.gather(*(worker(requests, True) for _ in range(clients)))
         wall = time.perf_counter() - start
-    ms = np.asarray(latencies) * 1000
-    return {"requests": len(ms), "rps": len(ms) / wall, "p50": float(np.percentile(ms, 50)),
-            "p95": float(np.percentile(ms, 95)), "batch": float(np.mean(batches))}
+    ms = np.asarray(latencies) * 1000 if latencies else np.asarray([np.nan])
+    return {"ok": len(latencies), "rps": len(latencies) / wall,
+            "p50": float(np.percentile(ms, 50)), "p95": float(np.percentile(ms, 95)),
+            "batch": float(np.mean(batches)) if batches else float("nan"),
+            "busy": codes.get(503, 0),
+            "other_5xx": sum(n for c, n in codes.items() if c >= 500 and c != 503),
+            "other": sum(n for c, n in codes.items() if c < 500 and c != 200)}
+
+
+def predict_bench(model: Path, images: list[bytes], clients: list[int], requests: int,
+                  seconds: float) -> list[tuple[str, int, dict[str, float]]]:
+    """Every client count against a fresh server with batching off, then on."""
+    rows = []
+    for batching in (False, True):
+        port = free_port()
+        proc = start_server(model, port, batching)
+        try:
+            for c in clients:
+                with PeakRss(proc.pid) as mem:
+                    res = asyncio.run(load(f"http://{HOST}:{port}", images, c, requests,
+                                           seconds))
+                res["peak_mb"] = mem.peak
+                rows.append(("on" if batching else "off", c, res))
+                print(f"batching {rows[-1][0]:>3}, {c:>3} clients: {res['rps']:.1f} req/s, "
+                      f"{res['busy']} busy", file=sys.stderr)
+        finally:
+            proc.terminate()
+            proc.wait(10)
+    return rows
+
+
+def print_predict(rows: list[tuple[str, int, dict[str, float]]], what: str) -> None:
+    print(f"\nPOST /v1/predict on {what} ({os.cpu_count()} CPUs, loopback; a shared machine: "
+          "timings are indicative)")
+    print(f"{'batching':>8} {'clients':>7} {'200 ok':>7} {'req/s':>7} {'p50 ms':>8} "
+          f"{'p95 ms':>8} {'batch':>6} {'503':>5} {'5xx!':>5} {'4xx':>4} {'peak MB':>8}")
+    for mode, c, r in rows:
+        print(f"{mode:>8} {c:>7} {r['ok']:>7} {r['rps']:>7.1f} {r['p50']:>8.1f} "
+              f"{r['p95']:>8.1f} {r['batch']:>6.1f} {r['busy']:>5} {r['other_5xx']:>5} "
+              f"{r['other']:>4} {r['peak_mb']:>8.0f}")
+    bad = sum(r["other_5xx"] for _, _, r in rows)
+    print(f"5xx other than 503: {bad} (must be 0)")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, help="Trained model folder (default: a tiny one).")
-    ap.add_argument("--requests", type=int, default=200, help="Requests per configuration.")
+    ap.add_argument("--requests", type=int, default=300, help="Requests per configuration.")
     ap.add_argument("--seconds", type=float, default=20.0, help="Time limit per configuration.")
-    ap.add_argument("--clients", default="1,8,32", help="Concurrent clients to try.")
+    ap.add_argument("--clients", default="1,32,64,128", help="Concurrent clients to try.")
     ap.add_argument("--_serve", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--batching", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args._serve:  # the server process
+    if args._serve:  # the server process, with the limits `medsig serve` uses
         import uvicorn
 
         from medsig.serve import ServeSettings, create_app
+        from medsig.serve.cli import backstop_limit
 
-        app = create_app(args._serve, settings=ServeSettings(batching=args.batching,
-                                                             api_key=None))
-        uvicorn.run(app, host=HOST, port=args.port, log_level="warning", access_log=False)
+        settings = ServeSettings(batching=args.batching, api_key=None)
+        app = create_app(args._serve, settings=settings)
+        uvicorn.run(app, host=HOST, port=args.port, log_level="warning", access_log=False,
+                    limit_concurrency=backstop_limit(settings.max_concurrency))
         return
     with tempfile.TemporaryDirectory() as tmp:
         if args.model:
@@ -126,27 +214,8 @@ def main() -> None:
             paths = sorted((spec.parent / "images").glob("*.jpg"))
         images = [p.read_bytes() for p in paths]
         clients = [int(c) for c in args.clients.split(",")]
-        rows = []
-        for batching in (False, True):
-            port = free_port()
-            proc = start_server(model, port, batching)
-            try:
-                for c in clients:
-                    res = asyncio.run(load(f"http://{HOST}:{port}", images, c, args.requests,
-                                           args.seconds))
-                    rows.append(("on" if batching else "off", c, res))
-                    print(f"batching {rows[-1][0]:>3}, {c:>2} clients: {res['rps']:.1f} req/s",
-                          file=sys.stderr)
-            finally:
-                proc.terminate()
-                proc.wait(10)
-    print(f"\nPOST /v1/predict on {model if args.model else 'a tiny SigLIP probe'} "
-          f"({os.cpu_count()} CPUs, loopback)")
-    print(f"{'batching':>8} {'clients':>7} {'requests':>8} {'req/s':>8} {'p50 ms':>8} "
-          f"{'p95 ms':>8} {'batch':>6}")
-    for mode, c, r in rows:
-        print(f"{mode:>8} {c:>7} {r['requests']:>8} {r['rps']:>8.1f} {r['p50']:>8.1f} "
-              f"{r['p95']:>8.1f} {r['batch']:>6.1f}")
+        rows = predict_bench(model, images, clients, args.requests, args.seconds)
+    print_predict(rows, str(model) if args.model else "a tiny SigLIP probe")
 
 
 if __name__ == "__main__":

@@ -223,7 +223,7 @@ def test_broken_jsonl_names_the_line(tmp_path: Path):
     path.write_text('{"a": 1}\n[1, 2]\n')
     with pytest.raises(DataError, match="line 2: expected a JSON object, got list"):
         read_table(path)
-    path.write_text('{"a": 1, "b": [1, 2]}\n{"a": null}\n')
+    path.write_text('\ufeff{"a": 1, "b": [1, 2]}\n{"a": null}\n', encoding="utf-8")  # BOM
     frame = read_table(path)
     assert frame["a"].tolist() == ["1", ""] and frame["b"][0] == [1, 2]
 
@@ -263,3 +263,38 @@ def test_crafted_pickle_in_a_checkpoint_is_refused(tmp_path: Path, victim: str):
     assert not pwned.exists(), "the pickle ran"
     assert "\n" not in str(info.value)
     assert ("refused to load" in str(info.value)) != (victim == "rng.pt")
+
+
+def test_multi_frame_dicom_counts_every_frame_against_the_pixel_limit():
+    pytest.importorskip("pydicom")
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, generate_uid()
+    ds.Rows, ds.Columns, ds.NumberOfFrames = 64, 64, 8
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.PixelData = np.arange(8 * 64 * 64, dtype=np.uint16).tobytes()
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    assert load_image(buf.getvalue(), max_pixels=8 * 64 * 64).size == (64, 64)
+    with pytest.raises(ImageError) as info:  # 8 frames are decoded, not one
+        load_image(buf.getvalue(), max_pixels=2 * 64 * 64)
+    assert info.value.reason == "too_large"
+
+
+def test_nul_byte_in_a_path_is_an_error_not_a_traceback(tmp_path: Path):
+    spec = _spec(tmp_path, [], table="t.jsonl")
+    (tmp_path / "t.jsonl").write_text('{"image_id": "i1", "file": "a\\u0000b.png", '
+                                      '"patient": "p1", "urgency": "Red"}\n')
+    with pytest.raises(DataError, match="row 1: column 'file': image path contains a NUL"):
+        load_collection(spec)
+    with pytest.raises(ImageError) as info:
+        load_image(tmp_path / "a\x00b.png")
+    assert info.value.reason == "missing" and "\x00" not in str(info.value)
+    assert image_problem(tmp_path / "a\x00b.png") == "missing"

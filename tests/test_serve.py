@@ -246,6 +246,20 @@ def test_every_bad_upload_gets_a_json_4xx(live, env) -> None:
     expect_error(live.post("/v1/embed", data={}), 422, "missing_field")
 
 
+def test_an_elongated_image_never_builds_a_huge_canvas(live, monkeypatch) -> None:
+    buf = BytesIO()
+    Image.new("RGB", (1, 20_000), (200, 0, 0)).save(buf, format="PNG")  # 100 bytes or so
+    real_new = Image.new
+
+    def guarded(mode, size, *args, **kwargs):
+        assert size[0] * size[1] <= 4_000_000, f"a {size} canvas for a 1 x 20,000 upload"
+        return real_new(mode, size, *args, **kwargs)
+
+    monkeypatch.setattr(Image, "new", guarded)  # the server runs in this process
+    r = live.post("/v1/predict", files={"file": ("strip.png", buf.getvalue())})
+    assert r.status_code == 200, r.text
+
+
 def test_uploads_never_touch_the_disk(live, env, monkeypatch) -> None:
     import tempfile
 
@@ -306,6 +320,37 @@ def test_thumbnails_only_serve_indexed_images(live, env) -> None:
     assert by_row.status_code == 200 and by_row.content == r.content
     for bad in ("..%2F..%2Fetc%2Fpasswd", "nope", "%2Fetc%2Fpasswd"):
         assert live.get(f"/v1/cases/{bad}/thumbnail").status_code == 404
+
+
+def test_thumbnail_outside_the_image_root_is_a_clear_403(env, tmp_path) -> None:
+    import os
+
+    from starlette.testclient import TestClient
+
+    from medsig.index.store import point_id
+
+    root = tmp_path / "images"
+    root.mkdir()
+    Image.new("RGB", (32, 32)).save(root / "ok.png")
+    Image.new("RGB", (32, 32)).save(tmp_path / "secret.png")
+    os.symlink(tmp_path / "secret.png", root / "link.png")
+    images = {"a": "ok.png", "b": "../secret.png", "c": "link.png",
+              "d": str(tmp_path / "secret.png")}
+    by_pid = {point_id(k): SimpleNamespace(payload={"image": v}) for k, v in images.items()}
+
+    class Store:  # an index whose payloads point inside and outside the root
+        collection = "x"
+
+        def get(self, pid, with_vectors):
+            return by_pid.get(pid)
+
+    app = create_app(env.predictor, settings=ServeSettings(api_key=None, image_root=root))
+    app.state.medsig.store = Store()
+    with TestClient(app) as client:
+        assert client.get("/v1/cases/a/thumbnail").status_code == 200
+        for case in "bcd":
+            body = expect_error(client.get(f"/v1/cases/{case}/thumbnail"), 403, "outside_root")
+            assert "outside the server's image root" in body["error"]["message"]
 
 
 def test_embed_image_and_text(live, env) -> None:

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from medsig.errors import MedsigError
+from medsig.progress import make_console, print_table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Adapt SigLIP-family vision-language models to medical images.")
@@ -18,7 +19,7 @@ data_app = typer.Typer(no_args_is_help=True, help="Describe, inspect, split and 
 model_app = typer.Typer(no_args_is_help=True, help="Model utilities.")
 app.add_typer(data_app, name="data")
 app.add_typer(model_app, name="model")
-console = Console()
+console = make_console()
 
 
 def _mount() -> None:
@@ -63,7 +64,7 @@ def data_inspect(spec: Path = typer.Argument(..., help="Dataset spec (YAML)."),
         for cls, n in lab.counts.items():
             pw = lab.pos_weight.get(cls)
             table.add_row(cls, str(n), str(lab.groups[cls]), "" if pw is None else f"{pw:.2f}")
-        console.print(table)
+        print_table(console, table)
     for w in report.warnings:
         console.print(f"[yellow]warning:[/] {w}")
 
@@ -224,7 +225,7 @@ def search_cmd(
                            if v not in (None, []))
         table.add_row(str(rank), f"{h.score:.3f}", str(h.payload.get("id")), labels[:80],
                       str(h.payload.get("text", ""))[:60])
-    console.print(table)
+    print_table(console, table)
 
 
 # -- demo ------------------------------------------------------------------------------------

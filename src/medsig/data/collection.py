@@ -122,6 +122,9 @@ def load_collection(spec: DatasetSpec | str | Path) -> Collection:
     for i, v in enumerate(images):
         if not v or v in spec.missing_values:
             raise DataError("empty image path", file=file, row=i + 1, column=spec.image_column)
+        if "\x00" in v:
+            raise DataError("image path contains a NUL byte", file=file, row=i + 1,
+                            column=spec.image_column)
     root = spec.image_root_path
     image_paths = ([root / v for v in images] if spec.allow_outside_root
                    else [RootedPath.under(root, root / v) for v in images])

@@ -95,14 +95,14 @@ def sniff_format(data: bytes) -> str | None:
 def image_problem(path: str | Path) -> str | None:
     """Why ``path`` cannot be read, without reading it: ``outside_root``, ``missing``,
     ``not_a_file`` or None (a regular file, inside its root when it is a RootedPath)."""
+    if "\x00" in str(path):
+        return "missing"
     root = getattr(path, "image_root", None)
     if root is not None and not inside_root(path, root):
         return "outside_root"
     try:
         mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        return "missing"
-    except OSError:
+    except OSError:  # absent, a dangling link, a folder we may not enter
         return "missing"
     return None if stat.S_ISREG(mode) else "not_a_file"
 
@@ -114,6 +114,8 @@ def _read_bytes(source: str | Path | bytes, max_bytes: int | None) -> tuple[byte
         return bytes(source), "upload"
     where = str(source)
     path = where
+    if "\x00" in where:  # no file system has it: os calls would raise ValueError
+        raise _fail("missing", where.replace("\x00", "\\0"), detail="NUL byte in the path")
     root = getattr(source, "image_root", None)
     if root is not None:
         if not inside_root(where, root):
@@ -256,7 +258,8 @@ def _load_dicom(data: bytes, where: str, max_pixels: int | None, force: bool = F
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=force)
         rows, cols = int(ds.Rows), int(ds.Columns)
-        _check_pixels((cols, rows), max_pixels, where)
+        frames = max(int(getattr(ds, "NumberOfFrames", 1) or 1), 1)
+        _check_pixels((cols, rows * frames), max_pixels, where)  # every frame is decoded
         pixels = ds.pixel_array
     except ImageError:
         raise

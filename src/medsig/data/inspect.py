@@ -27,22 +27,25 @@ class LabelConflict:
 
 
 def label_conflicts(collection: Collection) -> list[LabelConflict]:
-    """Groups whose rows carry different (non-missing) values of one label."""
+    """Groups whose rows carry different (non-missing) values of one label (vectorised)."""
     out: list[LabelConflict] = []
     rows = collection.rows + 1 if len(collection.rows) == len(collection) \
         else np.arange(1, len(collection) + 1)
     for name, lab in collection.labels.items():
         if lab.parent is not None:  # a coarse label follows its fine label
             continue
-        codes = [lab.readable(i) for i in range(len(collection))]
-        frame = pd.DataFrame({"g": collection.groups.astype(str), "v": codes, "row": rows})
-        frame = frame[frame["v"].notna()]
+        targets = np.asarray(lab.targets)
+        _, first, codes = np.unique(targets.reshape(len(targets), -1), axis=0,
+                                    return_index=True, return_inverse=True)
+        names = [str(lab.readable(int(i))) for i in first]  # one per distinct value
+        frame = pd.DataFrame({"g": collection.groups.astype(str), "v": codes.reshape(-1),
+                              "r": rows})[~lab.missing]
         n_values = frame.groupby("g", sort=False)["v"].nunique()
-        for group in n_values.index[n_values > 1]:
-            part = frame[frame["g"] == group]
-            values = {str(v): [int(r) for r in rs] for v, rs in
-                      part.groupby("v", sort=False)["row"]}
-            out.append(LabelConflict(name, str(group), values))
+        bad = frame[frame["g"].isin(set(n_values.index[n_values > 1]))]
+        found: dict[str, dict[str, list[int]]] = {}
+        for (group, code), rs in bad.groupby(["g", "v"], sort=False)["r"]:
+            found.setdefault(str(group), {})[names[int(code)]] = [int(r) for r in rs]
+        out += [LabelConflict(name, g, values) for g, values in found.items()]
     return out
 
 

@@ -54,7 +54,7 @@ def read_table(path: str | Path) -> pd.DataFrame:
 def _read_jsonl(path: Path) -> pd.DataFrame:
     """One JSON object per line (blank lines skipped); errors name the line number."""
     records = []
-    with path.open(encoding="utf-8") as f:
+    with path.open(encoding="utf-8-sig") as f:  # a leading BOM (Excel, Windows) is fine
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue

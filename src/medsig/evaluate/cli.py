@@ -6,11 +6,12 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from medsig.errors import ConfigError
 from medsig.evaluate import TASKS
+from medsig.evaluate.report import fmt
+from medsig.progress import make_console, print_table
 
 
 def parse_models(items: list[str] | None) -> dict[str, str]:
@@ -55,7 +56,6 @@ def short_name(metric: str) -> str:
 
 
 def _cell(r: dict[str, Any] | None) -> str:
-    from medsig.evaluate.report import fmt
 
     if not r or r.get("point") is None:
         return "–"
@@ -135,11 +135,11 @@ def eval_command(
     metrics = evaluate(spec, named, task_list, split=split, out=out, batch_size=batch_size,
                        n_boot=n_boot, subgroups=subgroups or None, device=device,
                        duplicates=duplicates or None)
-    console = Console()
+    console = make_console()
     warning = duplicate_warning(metrics)
     if warning:
         console.print(f"[bold yellow]warning:[/] {warning}", highlight=False)
-    console.print(summary_table(metrics))
+    print_table(console, summary_table(metrics))
     console.print("(95% group-bootstrap CIs; n.s. = the paired difference with the first "
                   "model is not significant)", highlight=False)
     console.print(f"report: {out / 'report.html'}  metrics: {out / 'metrics.json'}",

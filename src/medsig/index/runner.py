@@ -107,6 +107,6 @@ def embed_collection(
 def _progress(total: int, enabled: bool):
     if not enabled or total == 0:
         return None
-    from tqdm.auto import tqdm
+    from medsig.progress import progress_bar  # a live bar on a terminal, few lines in a log
 
-    return tqdm(total=total, unit="img", desc="embed", leave=False)
+    return progress_bar(total, "embed", "img")

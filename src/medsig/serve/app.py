@@ -26,6 +26,8 @@ from medsig.data.images import RootedPath, inside_root
 from medsig.errors import ConfigError, ImageError, MedsigError
 from medsig.index.store import point_id
 from medsig.serve import schemas as S
+from medsig.serve.batching import QueueFull
+from medsig.serve.limits import ConcurrencyLimit
 from medsig.serve.security import ApiError, Upload, api_key_dependency, read_upload, sniff_image
 from medsig.serve.state import ServeSettings, ServeState, load_state, resolve_image, scrub_paths
 from medsig.serve.summary import case_labels, head_info, label_results, same_image, summarize
@@ -37,7 +39,7 @@ PAGE_HEADERS = {
                                "style-src 'self'; script-src 'self'; connect-src 'self'; "
                                "frame-ancestors 'none'",
     "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
-ERRORS = {code: {"model": S.ErrorResponse} for code in (400, 401, 413, 415, 422)}
+ERRORS = {code: {"model": S.ErrorResponse} for code in (400, 401, 413, 415, 422, 503)}
 _IMAGE_PART = {"type": "string", "format": "binary",
                "description": "JPEG, PNG, WebP or DICOM (format sniffed from the bytes)."}
 
@@ -71,6 +73,7 @@ def create_app(model: Any, store: str | Path | None = None, collection: str | No
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
                            allow_methods=["GET", "POST"],
                            allow_headers=["X-API-Key", "Authorization", "Content-Type"])
+    app.add_middleware(ConcurrencyLimit, limit=settings.max_concurrency)  # outermost
     _install_error_handlers(app)
     auth = [Depends(api_key_dependency(lambda: settings.api_key))]
     _add_routes(app, state, auth)
@@ -93,6 +96,10 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def image_error(_: Request, exc: ImageError) -> JSONResponse:
         err = ApiError.from_image_error(exc)
         return _error(err.status, err.code, err.message)
+
+    @app.exception_handler(QueueFull)
+    async def queue_full(_: Request, exc: QueueFull) -> JSONResponse:
+        return _error(503, "overloaded", str(exc), {"Retry-After": str(exc.retry_after)})
 
     @app.exception_handler(MedsigError)
     async def medsig_error(_: Request, exc: MedsigError) -> JSONResponse:

@@ -1,11 +1,15 @@
 """Micro-batching: concurrent requests share one model call, run in a worker thread.
 
 Requests put an item (a pixel tensor, a text) into a pending list and await a future. A
-worker task takes up to `max_batch` items, waiting at most `max_wait_ms` after the first one
-for more, collates them and runs the model in a single-thread executor, so the event loop
-stays responsive and the model is never entered by two threads at once. While the model
-runs, new requests accumulate and form the next batch. With batching disabled each request
-is its own model call (still in the worker thread).
+worker task takes up to `max_batch` items and runs the model on them in a single-thread
+executor, so the event loop stays responsive and the model is never entered by two threads
+at once. A lone request is dispatched at once; only when several are pending (concurrent
+load) does the worker wait up to `max_wait_ms` for the batch to fill. While the model runs,
+new requests accumulate and form the next batch. With batching disabled each request is its
+own model call (still in the worker thread).
+
+The queue is bounded: with `max_queue` requests waiting (or, without batching, in flight),
+`submit` raises :class:`QueueFull` at once, which the app answers with 503 + Retry-After.
 """
 
 from __future__ import annotations
@@ -43,6 +47,15 @@ def model_executor() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix="medsig-model")
 
 
+class QueueFull(RuntimeError):
+    """The batcher's queue is full: the caller should retry after `retry_after` seconds."""
+
+    def __init__(self, waiting: int, retry_after: int = 1) -> None:
+        super().__init__(f"server busy: {waiting} requests waiting for the model; retry in "
+                         f"{retry_after} s")
+        self.waiting, self.retry_after = waiting, retry_after
+
+
 class MicroBatcher:
     """Collect concurrent `submit(item)` calls into batches for `fn(collate(items))`.
 
@@ -52,10 +65,11 @@ class MicroBatcher:
 
     def __init__(self, fn: Callable[[Any], Any], *, collate: Callable[[Sequence[Any]], Any],
                  executor: Executor, max_batch: int = 32, max_wait_ms: float = 5.0,
-                 enabled: bool = True) -> None:
-        if max_batch < 1 or max_wait_ms < 0:
-            raise ValueError("max_batch must be >= 1 and max_wait_ms >= 0")
+                 enabled: bool = True, max_queue: int = 256) -> None:
+        if max_batch < 1 or max_wait_ms < 0 or max_queue < 1:
+            raise ValueError("max_batch and max_queue must be >= 1 and max_wait_ms >= 0")
         self.fn, self.collate, self.executor = fn, collate, executor
+        self.max_queue, self._inflight = max_queue, 0
         self.max_batch = max_batch if enabled else 1
         self.max_wait = max_wait_ms / 1000.0
         self.enabled = enabled
@@ -69,12 +83,20 @@ class MicroBatcher:
     async def submit(self, item: Any) -> tuple[Any, BatchInfo]:
         loop = asyncio.get_running_loop()
         if not self.enabled:
-            start = time.perf_counter()
-            rows = await loop.run_in_executor(self.executor, self._call, [item])
+            if self._inflight >= self.max_queue:
+                raise QueueFull(self._inflight)
+            self._inflight += 1
+            try:
+                start = time.perf_counter()
+                rows = await loop.run_in_executor(self.executor, self._call, [item])
+            finally:
+                self._inflight -= 1
             ms = (time.perf_counter() - start) * 1000
             self.batches += 1
             self.items += 1
             return rows[0], BatchInfo(1, 0.0, ms)
+        if len(self._pending) >= self.max_queue:
+            raise QueueFull(len(self._pending))
         self._ensure_worker()
         fut: asyncio.Future = loop.create_future()
         self._pending.append((item, fut, time.perf_counter()))
@@ -95,7 +117,7 @@ class MicroBatcher:
         assert self._has_items is not None and self._full is not None
         while True:
             await self._has_items.wait()
-            if len(self._pending) < self.max_batch and self.max_wait > 0:
+            if 1 < len(self._pending) < self.max_batch and self.max_wait > 0:  # lone: go now
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._full.wait(), self.max_wait)
             batch = self._pending[:self.max_batch]

@@ -6,9 +6,10 @@ import ipaddress
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
-console = Console(stderr=True)
+from medsig.progress import make_console
+
+console = make_console(stderr=True)
 
 
 def serve(
@@ -27,7 +28,11 @@ def serve(
     max_megapixels: float = typer.Option(50.0, help="Largest accepted image, in megapixels."),
     batching: bool = typer.Option(True, help="Micro-batch concurrent requests."),
     max_batch: int = typer.Option(32, help="Largest micro-batch."),
-    max_wait_ms: float = typer.Option(5.0, help="Longest wait for a batch to fill, in ms."),
+    max_wait_ms: float = typer.Option(5.0, help="Longest wait for a batch to fill, in ms "
+                                                "(only when several requests are waiting)."),
+    max_concurrent: int = typer.Option(64, help="HTTP requests in progress at once; beyond, "
+                                                "503 with Retry-After."),
+    max_queue: int = typer.Option(256, help="Requests waiting for the model; beyond, 503."),
     device: str | None = typer.Option(None, help="Device of a separately loaded index "
                                                  "encoder: auto | cpu | cuda | mps."),
     precision: str = typer.Option("auto", help="auto (bf16 on CUDA, fp16 without bf16, fp32 "
@@ -46,7 +51,7 @@ def serve(
         max_upload_bytes=int(max_upload_mb * 1024 * 1024),
         max_pixels=int(max_megapixels * 1_000_000), batching=batching, max_batch=max_batch,
         max_wait_ms=max_wait_ms, cors_origins=list(cors_origin or []), image_root=image_root,
-        device=device)
+        device=device, max_concurrency=max_concurrent, max_queue=max_queue)
     app = create_app(model, store=store, collection=collection, settings=settings)
     if not settings.api_key and not _is_loopback(host):
         console.print(f"[yellow]warning:[/] listening on {host} without an API key; set "
@@ -55,7 +60,14 @@ def serve(
     console.print(f"model {state.model.name} {state.model.version}; search "
                   f"{'on' if state.store is not None else 'off'}; "
                   f"http://{host}:{port}/ (API docs at /docs)")
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    # uvicorn's own limit (plain-text 503) only backs up the app's JSON one, for connections
+    uvicorn.run(app, host=host, port=port, log_level=log_level,
+                limit_concurrency=backstop_limit(max_concurrent))
+
+
+def backstop_limit(max_concurrent: int) -> int:
+    """uvicorn's connection + task limit: well above the app's request limit."""
+    return 4 * max_concurrent + 32
 
 
 def _is_loopback(host: str) -> bool:

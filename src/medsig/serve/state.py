@@ -26,6 +26,8 @@ class ServeSettings:
     batching: bool = True
     max_batch: int = 32
     max_wait_ms: float = 5.0
+    max_queue: int = 256  # requests waiting for the model, per batcher; beyond: 503
+    max_concurrency: int = 64  # HTTP requests in progress (bodies in memory); beyond: 503
     api_key: str | None = field(default_factory=lambda: os.environ.get("MEDSIG_API_KEY") or None)
     cors_origins: list[str] = field(default_factory=list)
     image_root: Path | None = None
@@ -66,7 +68,8 @@ class ServeState:
             s = self.settings
             self.batchers[name] = MicroBatcher(
                 fn, collate=as_list if texts else stack_tensors, executor=self.executor,
-                max_batch=s.max_batch, max_wait_ms=s.max_wait_ms, enabled=s.batching)
+                max_batch=s.max_batch, max_wait_ms=s.max_wait_ms, enabled=s.batching,
+                max_queue=s.max_queue)
         return self.batchers[name]
 
     async def close(self) -> None:

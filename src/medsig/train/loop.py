@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from medsig.errors import ConfigError, MedsigError
+from medsig.progress import progress_bar
 from medsig.train import checkpoint as ckpt
 from medsig.train.config import TrainConfig, dump_config, load_config
 from medsig.train.data import (
@@ -334,8 +335,8 @@ class Trainer:
             state.plan = self._epoch_plan(epoch)
             state.batch = 0
         plan = state.plan
-        bar = tqdm(total=len(plan), initial=state.batch, desc=f"epoch {epoch + 1}/"
-                   f"{self.epochs}", disable=not self.accelerator.is_main_process, leave=False)
+        bar = progress_bar(len(plan), f"epoch {epoch + 1}/{self.epochs}", "step", state.batch,
+                           disable=not self.accelerator.is_main_process)
         try:
             for batches in self._local_steps(epoch, plan):
                 if state.step >= self.total:
