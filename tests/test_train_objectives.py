@@ -90,7 +90,8 @@ def test_classify_learns_and_loads_in_plain_transformers(wound: Path, tiny: Path
     auc = roc_auc_score(y[ok], p[ok])
     assert auc == pytest.approx(info["metrics"]["val"]["val/auc/erythema"], abs=1e-5)
     threshold = heads["erythema"]["thresholds"][0]
-    sensitivity = float((p[ok][y[ok] == 1] >= threshold).mean())
+    # the threshold is a val score itself: allow float noise between the two forward paths
+    sensitivity = float((p[ok][y[ok] == 1] >= threshold - 1e-6).mean())
     assert sensitivity >= 0.9
 
 
