@@ -45,3 +45,12 @@ def row_payload(collection: Collection, i: int, text: str | None = None) -> dict
     payload["labels"] = labels
     payload["targets"] = targets
     return payload
+
+
+def payload_indexes(collection: Collection) -> dict[str, str]:
+    """The payload fields searches filter on, with their index type (keyword / integer)."""
+    fields = {"id": "keyword", "split": "keyword", "group": "keyword"}
+    for name in collection.labels:
+        fields[f"labels.{name}"] = "keyword"
+        fields[f"targets.{name}"] = "integer"
+    return fields
