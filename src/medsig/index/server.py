@@ -72,6 +72,8 @@ class ServerCollection:
         self.add_indexes(indexes)
 
     def add_indexes(self, indexes: dict[str, str]) -> None:
+        if not indexes or self.client.init_options.get("path") is not None:
+            return  # local mode (a legacy store) has no payload indexes
         for field, kind in indexes.items():
             self.client.create_payload_index(self.name, field, SCHEMAS[kind], wait=True)
 
