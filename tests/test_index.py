@@ -54,7 +54,7 @@ def test_reindex_adds_nothing_and_resumes(indexed, encoder):
     assert again.embedded == 0 and again.already_indexed == 5 and again.points_after == 5
     # a crash after 2 rows: the next run adds only the 3 missing points
     vs = VectorStore(store, "wounds")
-    vs.client.delete("wounds", points_selector=[point_id(f"a{i}") for i in (3, 4, 5)])
+    vs.delete([point_id(f"a{i}") for i in (3, 4, 5)])
     resumed = embed_collection(spec, encoder, store, "wounds", num_workers=0, progress=False)
     assert resumed.embedded == 3 and resumed.points_after == 5
 

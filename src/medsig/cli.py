@@ -24,10 +24,12 @@ console = make_console()
 
 def _mount() -> None:
     """Sub-commands of the later stages (each module keeps its own options)."""
+    from medsig.index.cli import index_app
     from medsig.serve.cli import serve
     from medsig.train.cli import train_app
 
     app.add_typer(train_app, name="train")
+    app.add_typer(index_app, name="index")
     app.command("serve")(serve)
     try:
         from medsig.evaluate.cli import eval_command
@@ -174,11 +176,13 @@ def embed(
 ) -> None:
     """Embed every image (and its text) into Qdrant with all metadata; resumable."""
     from medsig.index.runner import embed_collection
+    from medsig.index.store import close_store
     from medsig.models.device import inference_settings
 
     batch_size = inference_settings(precision, batch_size, device)
     report = embed_collection(spec, model, store, collection, batch_size, limit, device,
                               workers, recreate)
+    close_store(store)
     _print_embed_report(report)
 
 
@@ -190,7 +194,8 @@ def _print_embed_report(report) -> None:
                   f"{report.store}")
     console.print(f"{report.images_per_second:.1f} images/s; seconds: total "
                   f"{s.get('total', 0):.1f}, waiting for images {s.get('read_wait', 0):.1f}, "
-                  f"model {s.get('model', 0):.1f}, writing (background) {s.get('write', 0):.1f}")
+                  f"model {s.get('model', 0):.1f}, writing (background) {s.get('write', 0):.1f}, "
+                  f"building the search index {s.get('index', 0):.1f}")
     for reason, n in report.skipped.items():
         console.print(f"[yellow]skipped {n} ({reason})[/]")
     for message in report.skipped_examples[:5]:
@@ -211,9 +216,11 @@ def search_cmd(
 ) -> None:
     """Nearest indexed cases to an image, a text or an indexed point."""
     from medsig.index.search import search
+    from medsig.index.store import close_store
 
     hits = search(store, collection, image=image, text=text, id=id, model=model, where=where,
                   k=k)
+    close_store(store)
     if as_json:
         print(json.dumps([vars(h) for h in hits], indent=2))
         return

@@ -45,3 +45,21 @@ def row_payload(collection: Collection, i: int, text: str | None = None) -> dict
     payload["labels"] = labels
     payload["targets"] = targets
     return payload
+
+
+def payload_indexes(collection: Collection) -> dict[str, str]:
+    """The payload fields searches filter on, with their index type (keyword / integer)."""
+    return _indexes(list(collection.labels))
+
+
+def indexes_for_payload(payload: dict[str, Any]) -> dict[str, str]:
+    """The same fields for a stored payload (e.g. a collection exported without them)."""
+    return _indexes(list(payload.get("labels") or {}))
+
+
+def _indexes(labels: list[str]) -> dict[str, str]:
+    fields = {"id": "keyword", "split": "keyword", "group": "keyword"}
+    for name in labels:
+        fields[f"labels.{name}"] = "keyword"
+        fields[f"targets.{name}"] = "integer"
+    return fields

@@ -1,14 +1,19 @@
-"""Vector store: Qdrant embedded on a local path (default) or a Qdrant server URL.
+"""Vector store: Qdrant Edge embedded in the process (a folder) or a Qdrant server (a URL).
 
-Local mode keeps one client per path per process (qdrant-client allows only one). Its
-sqlite file is switched to WAL with synchronous=NORMAL, which makes batched upserts about
-5x faster (one commit per point otherwise waits for the disk) and stays crash-safe for
-the process; only an OS crash may lose the last writes, which a re-run adds back.
+A folder means the embedded engine (`index/edge.py`: Qdrant's own engine in-process, HNSW,
+payload indexes, write-ahead log); an http(s) URL means a Qdrant server through qdrant-client
+(`index/server.py`). Both hold the same layout: named vectors (`image`, `text`), the payload,
+stable point ids and payload indexes on the filtered fields. The engine was chosen with
+`bench/index.py` (docs/indexing.md).
+
+Each collection is opened once per process and kept open (an embedded shard may be opened by
+one process at a time); `close_store` closes what is open under a location, and everything
+still open is closed cleanly when the interpreter exits.
 """
 
 from __future__ import annotations
 
-import os
+import atexit
 import threading
 import uuid
 from dataclasses import dataclass
@@ -16,13 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from qdrant_client import QdrantClient, models
+from qdrant_client import models
 
 from medsig.errors import ConfigError
 
 MEDSIG_NAMESPACE = uuid.UUID("6f1c2b1e-8d0a-5c1e-9a7b-3d5e0f4a2c91")
-_LOCAL_CLIENTS: dict[str, QdrantClient] = {}
-_LOCK = threading.Lock()
+_OPEN: dict[tuple[str, str], Any] = {}
+_CLIENTS: dict[str, Any] = {}
+_LOCK = threading.RLock()
 
 
 def point_id(row_id: str) -> str:
@@ -34,31 +40,54 @@ def is_url(location: str | Path) -> bool:
     return str(location).startswith(("http://", "https://"))
 
 
-def open_client(location: str | Path) -> QdrantClient:
-    """A Qdrant client for a local path (shared per process) or a server URL."""
-    if is_url(location):
-        return QdrantClient(url=str(location), api_key=os.environ.get("QDRANT_API_KEY"))
-    key = str(Path(location).resolve())
-    with _LOCK:
-        client = _LOCAL_CLIENTS.get(key)
-        if client is None:
-            Path(key).mkdir(parents=True, exist_ok=True)
-            try:
-                client = QdrantClient(path=key)
-            except RuntimeError as exc:  # another process holds the folder
-                raise ConfigError(f"vector store {key} is in use by another process: "
-                                  f"{str(exc).splitlines()[0]}") from None
-            _LOCAL_CLIENTS[key] = client
-        return client
+def _key(location: str | Path) -> str:
+    return str(location).rstrip("/") if is_url(location) else str(Path(location).resolve())
 
 
-def close_client(location: str | Path) -> None:
-    if is_url(location):
-        return
+def open_collection(location: str | Path, name: str, legacy: bool = False) -> Any:
+    """The engine object for one collection (shared per process until closed).
+
+    `legacy=True` also reads a store written by qdrant-client's local mode (to export it).
+    """
+    from medsig.index.edge import EdgeCollection
+    from medsig.index.server import ServerCollection, is_legacy_store, legacy_client, server_client
+
+    key = (_key(location), name)
     with _LOCK:
-        client = _LOCAL_CLIENTS.pop(str(Path(location).resolve()), None)
-    if client is not None:
+        if key in _OPEN:
+            return _OPEN[key]
+        if is_url(location) or (legacy and is_legacy_store(location)):
+            client = _CLIENTS.get(key[0])
+            if client is None:
+                client = server_client(key[0]) if is_url(location) else legacy_client(key[0])
+                _CLIENTS[key[0]] = client
+            backend = ServerCollection(client, name, owns_client=False)
+        elif is_legacy_store(location):
+            raise ConfigError(
+                f"{location} was written by an older medsig (qdrant-client local mode): move "
+                f"it with `medsig index export --store {location} --collection {name} "
+                f"--out {name}.zip` and `medsig index import {name}.zip --store NEW_FOLDER`")
+        else:
+            backend = EdgeCollection(location, name)
+        _OPEN[key] = backend
+        return backend
+
+
+def close_store(location: str | Path | None = None) -> None:
+    """Close the collections (and clients) open under `location` (None: everything)."""
+    with _LOCK:
+        keys = [k for k in _OPEN if location is None or k[0] == _key(location)]
+        backends = [_OPEN.pop(k) for k in keys]
+        clients = [_CLIENTS.pop(k) for k in list(_CLIENTS)
+                   if location is None or k == _key(location)]
+    for backend in backends:
+        backend.close()
+    for client in clients:
         client.close()
+
+
+close_client = close_store  # the name callers used before the Edge engine
+atexit.register(close_store)
 
 
 @dataclass
@@ -68,37 +97,47 @@ class Hit:
     payload: dict[str, Any]
 
 
-class VectorStore:
-    """One Qdrant collection with named vectors (e.g. `image`, `text`)."""
+@dataclass
+class StoredPoint:
+    id: str
+    vector: dict[str, list[float]]
+    payload: dict[str, Any]
 
-    def __init__(self, location: str | Path, collection: str) -> None:
+
+class VectorStore:
+    """One collection with named vectors (e.g. `image`, `text`) in a store folder or server."""
+
+    def __init__(self, location: str | Path, collection: str, legacy: bool = False) -> None:
         self.location = str(location)
         self.collection = collection
-        self.client = open_client(location)
+        self.backend = open_collection(location, collection, legacy=legacy)
+
+    @property
+    def engine(self) -> str:
+        return self.backend.engine
+
+    def close(self) -> None:
+        with _LOCK:
+            _OPEN.pop((_key(self.location), self.collection), None)
+        self.backend.close()
 
     # -- collection ------------------------------------------------------------------------
     def exists(self) -> bool:
-        return self.client.collection_exists(self.collection)
+        return self.backend.exists()
 
     def metadata(self) -> dict[str, Any]:
-        if not self.exists():
-            return {}
-        info = self.client.get_collection(self.collection)
-        return dict(getattr(info.config, "metadata", None) or {})
+        return dict(self.backend.info().get("metadata") or {})
 
     def vector_sizes(self) -> dict[str, int]:
-        info = self.client.get_collection(self.collection)
-        vectors = info.config.params.vectors
-        if isinstance(vectors, dict):
-            return {k: v.size for k, v in vectors.items()}
-        return {"": vectors.size}
+        return {k: int(v) for k, v in self.backend.info().get("vectors", {}).items()}
 
-    def ensure(self, sizes: dict[str, int], metadata: dict[str, Any], recreate: bool = False
-               ) -> None:
-        """Create the collection, or check that an existing one matches (same model, dims)."""
-        if self.exists() and recreate:
-            self.client.delete_collection(self.collection)
-        if self.exists():
+    def ensure(self, sizes: dict[str, int], metadata: dict[str, Any], recreate: bool = False,
+               indexes: dict[str, str] | None = None) -> None:
+        """Create the collection, or check that an existing one matches (same model, dims).
+
+        `indexes`: payload fields to index for filtering, {"split": "keyword", ...}.
+        """
+        if self.exists() and not recreate:
             have, old = self.vector_sizes(), self.metadata()
             if old.get("model") and old.get("model") != metadata.get("model"):
                 raise ConfigError(
@@ -108,30 +147,17 @@ class VectorStore:
             if have != sizes:
                 raise ConfigError(f"collection '{self.collection}' has vectors {have}, "
                                   f"the model gives {sizes}: use --recreate")
+            self.backend.add_indexes(indexes or {})
         else:
-            self.client.create_collection(
-                self.collection,
-                vectors_config={name: models.VectorParams(size=int(size),
-                                                          distance=models.Distance.COSINE)
-                                for name, size in sizes.items()},
-                metadata=metadata,
-            )
-        self._tune_local()
+            self.backend.create(sizes, metadata, indexes or {})
 
-    def _tune_local(self) -> None:
-        """WAL + synchronous=NORMAL for the embedded store (see the module docstring)."""
-        if is_url(self.location):
-            return
-        try:
-            conn = self.client._client.collections[self.collection].storage.storage
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-        except (AttributeError, KeyError):  # other qdrant-client internals: keep defaults
-            pass
+    def optimize(self) -> bool:
+        """Build the search index now (embedded engine); a server does it by itself."""
+        return self.backend.optimize()
 
     # -- points ----------------------------------------------------------------------------
     def count(self) -> int:
-        return self.client.count(self.collection, exact=True).count if self.exists() else 0
+        return self.backend.count() if self.exists() else 0
 
     def existing(self, ids: list[str], chunk: int = 2048) -> set[str]:
         """Which of these point ids are already stored."""
@@ -139,22 +165,30 @@ class VectorStore:
             return set()
         found: set[str] = set()
         for s in range(0, len(ids), chunk):
-            points = self.client.retrieve(self.collection, ids=ids[s:s + chunk],
-                                          with_payload=False, with_vectors=False)
+            points = self.backend.retrieve(ids[s:s + chunk], False, False)
             found.update(str(p.id) for p in points)
         return found
 
     def upsert(self, ids: list[str], vectors: dict[str, np.ndarray],
                payloads: list[dict[str, Any]]) -> None:
-        batch = models.Batch(ids=ids, vectors={k: np.asarray(v, dtype=np.float32).tolist()
-                                               for k, v in vectors.items()},
-                             payloads=payloads)
-        self.client.upsert(self.collection, points=batch, wait=True)
+        self.backend.upsert(ids, vectors, payloads)
 
-    def get(self, pid: str, with_vectors: bool = True) -> Any:
-        points = self.client.retrieve(self.collection, ids=[pid], with_payload=True,
-                                      with_vectors=with_vectors)
-        return points[0] if points else None
+    def delete(self, ids: list[str]) -> None:
+        self.backend.delete(ids)
+
+    def get(self, pid: str, with_vectors: bool = True) -> StoredPoint | None:
+        points = self.backend.retrieve([pid], True, with_vectors)
+        return _stored(points[0]) if points else None
+
+    def scroll(self, batch: int = 512):
+        """Every point (id, vectors, payload), in batches of StoredPoint."""
+        offset = None
+        while True:
+            points, offset = self.backend.scroll(offset, batch)
+            if points:
+                yield [_stored(p) for p in points]
+            if offset is None:
+                return
 
     def search(self, vector: np.ndarray, using: str, k: int = 5,
                where: models.Filter | None = None, exclude_id: str | None = None) -> list[Hit]:
@@ -162,9 +196,14 @@ class VectorStore:
             raise ConfigError(f"no collection '{self.collection}' in {self.location}: "
                               "run `medsig embed` first")
         limit = k + (1 if exclude_id else 0)
-        result = self.client.query_points(self.collection, query=np.asarray(vector).tolist(),
-                                          using=using, limit=limit, query_filter=where,
-                                          with_payload=True)
-        hits = [Hit(str(p.id), float(p.score), dict(p.payload or {})) for p in result.points
+        points = self.backend.query(np.asarray(vector, dtype=np.float32), using, limit, where)
+        hits = [Hit(str(p.id), float(p.score), dict(p.payload or {})) for p in points
                 if str(p.id) != exclude_id]
         return hits[:k]
+
+
+def _stored(point: Any) -> StoredPoint:
+    vector = point.vector or {}
+    if not isinstance(vector, dict):
+        vector = {"": vector}
+    return StoredPoint(str(point.id), dict(vector), dict(point.payload or {}))

@@ -1,0 +1,209 @@
+"""The embedded engine (Qdrant Edge): export/import, legacy stores, crash safety, clean exit."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from medsig.errors import ConfigError, DataError
+from medsig.index.runner import embed_collection
+from medsig.index.search import parse_where
+from medsig.index.store import VectorStore, close_store, point_id
+from medsig.index.transfer import export_collection, import_collection
+from medsig.models.encoder import Encoder
+from medsig.models.tiny import write_tiny
+from tests.conftest import WOUND_CSV, write_wound_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return write_tiny(tmp_path_factory.mktemp("model") / "siglip", arch="siglip", image_size=32)
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_model):
+    return Encoder.load(tiny_model)
+
+
+def _spec(tmp_path: Path) -> Path:
+    spec = write_wound_spec(tmp_path)
+    rng = np.random.default_rng(0)
+    for i in range(1, 6):
+        arr = rng.integers(0, 255, size=(40, 50, 3), dtype=np.uint8)
+        Image.fromarray(arr).save(tmp_path / "img" / f"a{i}.png")
+    return spec
+
+
+def _points(store, name) -> dict[str, tuple[dict, dict]]:
+    vs = VectorStore(store, name, legacy=True)
+    return {p.id: (p.vector, p.payload) for batch in vs.scroll(2) for p in batch}
+
+
+def _same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys() and a
+    for pid, (vec, payload) in a.items():
+        other_vec, other_payload = b[pid]
+        assert payload == other_payload
+        assert vec.keys() == other_vec.keys()
+        for k in vec:
+            assert np.allclose(vec[k], other_vec[k], atol=1e-6)
+
+
+@pytest.mark.parametrize("suffix", [".zip", ".jsonl"])
+def test_export_import_round_trip(tmp_path, encoder, suffix):
+    spec = _spec(tmp_path)
+    embed_collection(spec, encoder, tmp_path / "a", "w", num_workers=0, progress=False)
+    report = export_collection(tmp_path / "a", "w", tmp_path / f"w{suffix}")
+    assert report.points == 5
+    imported = import_collection(tmp_path / f"w{suffix}", tmp_path / "b", "copy")
+    assert imported.points == 5
+    _same(_points(tmp_path / "a", "w"), _points(tmp_path / "b", "copy"))
+    target = VectorStore(tmp_path / "b", "copy")
+    assert target.metadata()["model"] == encoder.name
+    assert "labels.urgency" in target.backend.info()["payload_indexes"]
+    # importing again (e.g. after an interrupted import) changes nothing
+    assert import_collection(tmp_path / f"w{suffix}", tmp_path / "b", "copy").points == 5
+    assert target.count() == 5
+    close_store()
+
+
+def test_legacy_local_store_is_refused_then_migrated(tmp_path, encoder):
+    """A store written by qdrant-client local mode (medsig before Edge) moves over intact."""
+    from qdrant_client import QdrantClient
+
+    from medsig.index.server import ServerCollection
+
+    legacy = ServerCollection(QdrantClient(path=str(tmp_path / "old")), "w")
+    legacy.create({"image": 4, "text": 4}, {"model": "m"}, {"split": "keyword"})
+    rng = np.random.default_rng(0)
+    vec = {k: rng.normal(size=(3, 4)).astype(np.float32) for k in ("image", "text")}
+    ids = [point_id(f"r{i}") for i in range(3)]
+    legacy.upsert(ids, vec, [{"id": f"r{i}", "split": "test", "labels": {"u": "ok"}}
+                             for i in range(3)])
+    legacy.close()
+    with pytest.raises(ConfigError, match="older medsig.*index export"):
+        VectorStore(tmp_path / "old", "w")
+    export_collection(tmp_path / "old", "w", tmp_path / "w.zip")
+    close_store(tmp_path / "old")
+    import_collection(tmp_path / "w.zip", tmp_path / "new")
+    new = VectorStore(tmp_path / "new", "w")
+    assert new.engine == "qdrant-edge" and new.count() == 3
+    got = new.get(ids[1])
+    norm = vec["image"][1] / np.linalg.norm(vec["image"][1])  # cosine stores unit vectors
+    assert np.allclose(got.vector["image"], norm, atol=1e-6)
+    hits = new.search(vec["image"][1], "image", k=2, where=parse_where(["split=test"]))
+    assert hits[0].id == ids[1] and hits[0].score == pytest.approx(1.0, abs=1e-5)
+    assert set(new.backend.info()["payload_indexes"]) >= {"split", "labels.u", "targets.u"}
+    close_store()
+
+
+def test_bad_export_files_name_the_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    manifest = {"format": "medsig-index", "version": 1, "collection": "c",
+                "vectors": {"image": 2}, "count": 2}
+    lines = [manifest, {"id": point_id("a"), "vectors": {"image": [1, 0]}, "payload": {}},
+             {"id": "x", "vectors": {"image": [1, 0]}, "payload": {}}]
+    bad.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    with pytest.raises(DataError, match=r"bad.jsonl: row 3: point id 'x' is not a UUID"):
+        import_collection(bad, tmp_path / "s")
+    (tmp_path / "junk.zip").write_bytes(b"not a zip")
+    with pytest.raises(DataError, match="not a medsig index export"):
+        import_collection(tmp_path / "junk.zip", tmp_path / "s")
+    # a zip whose vectors end early
+    with zipfile.ZipFile(tmp_path / "short.zip", "w") as zf:
+        zf.writestr("manifest.json", json.dumps({"format": "medsig-index", "version": 1,
+                                                 "collection": "c", "vectors": {"image": 2},
+                                                 "count": 1}))
+        zf.writestr("points.jsonl", json.dumps({"id": point_id("a"), "payload": {}}) + "\n")
+        zf.writestr("vectors/image.f32", b"\x00\x00")
+    with pytest.raises(DataError, match="ends before point 1"):
+        import_collection(tmp_path / "short.zip", tmp_path / "s")
+    close_store()
+
+
+def test_second_process_gets_a_clear_error(tmp_path, encoder):
+    spec = _spec(tmp_path)
+    embed_collection(spec, encoder, tmp_path / "q", "w", num_workers=0, progress=False)
+    code = ("from medsig.index.store import VectorStore\n"
+            f"VectorStore({str(tmp_path / 'q')!r}, 'w').count()\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert out.returncode != 0 and "in use by another process" in out.stderr
+    close_store(tmp_path / "q")
+
+
+KILLER = """
+import os, signal, sys
+from medsig.index import runner, writer
+from medsig.index.runner import embed_collection
+
+class Killed(writer.StoreWriter):  # kill -9 right after the 2nd write reached the engine
+    def __init__(self, store):
+        super().__init__(store, flush_size=8)
+        inner = store.upsert
+        calls = []
+        def upsert(*a):
+            inner(*a)
+            calls.append(1)
+            if len(calls) == 2:
+                os.kill(os.getpid(), signal.SIGKILL)
+        store.upsert = upsert
+
+runner.StoreWriter = Killed
+embed_collection(sys.argv[1], sys.argv[2], sys.argv[3], "w", batch_size=4, num_workers=0,
+                 progress=False)
+"""
+
+
+def test_kill_9_during_embed_then_rerun_gives_exactly_n_points(tmp_path, encoder, tiny_model):
+    spec = write_wound_spec(tmp_path)
+    rng = np.random.default_rng(1)
+    lines = [WOUND_CSV.splitlines()[0]]
+    for i in range(40):
+        Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(
+            tmp_path / "img" / f"k{i}.png")
+        lines.append(f"k{i},k{i}.png,p{i // 2},{'Red' if i % 3 else 'Green'},Absent,Low,[],")
+    (tmp_path / "wounds.csv").write_text("\n".join(lines) + "\n")
+    store = tmp_path / "q"
+    out = subprocess.run([sys.executable, "-c", KILLER, str(spec), str(tiny_model), str(store)],
+                         capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert out.returncode == -9, out.stderr[-2000:]
+    report = embed_collection(spec, encoder, store, "w", num_workers=0, progress=False)
+    assert report.already_indexed >= 16 and report.already_indexed + report.embedded == 40
+    vs = VectorStore(store, "w")
+    assert report.points_after == vs.count() == 40
+    ids = {p.id for batch in vs.scroll(7) for p in batch}
+    assert ids == {point_id(f"k{i}") for i in range(40)}
+    close_store(store)
+
+
+def test_cli_embed_and_search_end_without_exception_text(tmp_path, tiny_model):
+    spec = _spec(tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    cli = [sys.executable, "-m", "medsig.cli"]
+    store = str(tmp_path / "q")
+    embed = subprocess.run(cli + ["embed", str(spec), "--model", str(tiny_model), "--store",
+                                  store, "--collection", "w", "--workers", "0"],
+                           capture_output=True, text=True, env=env, timeout=300)
+    assert embed.returncode == 0, embed.stderr
+    search = subprocess.run(cli + ["search", "--store", store, "--collection", "w", "--id",
+                                   "a1", "-k", "3", "--where", "labels.urgency=needs attention",
+                                   "--json"],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert search.returncode == 0, search.stderr
+    for out in (embed, search):
+        assert "Exception ignored" not in out.stderr and "Traceback" not in out.stderr
+    assert "5 embedded" in embed.stdout
+    hits = json.loads(search.stdout)
+    assert {h["payload"]["id"] for h in hits} == {"a2", "a3"}
