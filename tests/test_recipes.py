@@ -138,7 +138,7 @@ def test_surgwound_partial_classify_and_mlp_probe(wound, like, root) -> None:
     out = _train("surgwound-classify.yaml", wound, model, root / "sw",
                  ["optim.grad_accum=2"])
     meta = json.loads((out / "medsig.json").read_text())
-    assert meta["image_size"] == 448 and len(meta["heads"]) == 6
+    assert meta["preprocessing"]["size"] == 448 and len(meta["heads"]) == 6
     adapt = meta["training"]["adapt"]
     assert 0 < adapt["trainable"] < adapt["total"]  # the first block stayed frozen
     probe = _train("surgwound-probe.yaml", wound, model, root / "sw-probe",
