@@ -244,6 +244,6 @@ def _write_readme(out: Path, summary: dict[str, Any]) -> None:
         lines += ["", "## Evaluation", "",
                   f"Base vs fine-tuned on the test split, with group-bootstrap 95% confidence "
                   f"intervals and paired differences: `{report}` (also `report.md`, "
-                  f"`metrics.json`). A tiny model trained for seconds on generated data: the "
+                  f"`metrics.json`). A tiny model trained for minutes on generated data: the "
                   f"numbers show the pipeline, not a clinical result.", ""]
     (out / "README.md").write_text("\n".join(lines))
