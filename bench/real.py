@@ -20,6 +20,7 @@ evaluate on the test split. A tiny random model: the run shows the pipeline on r
 not a useful classifier.
 
     .venv/bin/python bench/real.py [--data ../shared/data] [--work DIR] [--cnn-epochs 20]
+                                   [--contrastive-epochs N] [--reuse]
                                    [--out bench/results/real.json]
 
 Timings are wall-clock on a possibly shared machine (the JSON records the load average).
@@ -108,7 +109,7 @@ def score(y_val: np.ndarray, s_val: np.ndarray, y_test: np.ndarray, s_test: np.n
     threshold = youden_threshold(y_val, s_val)
     m = binary_metrics(y_test, s_test, threshold)
     ci = bootstrap_ci(roc_auc, y_test, s_test, n_boot=1000, seed=0)
-    return {"auc": round(ci.value, 4), "auc_ci": [round(ci.low, 4), round(ci.high, 4)],
+    return {"auc": round(ci.point, 4), "auc_ci": [round(ci.low, 4), round(ci.high, 4)],
             "accuracy": round(m["accuracy"], 4), "sensitivity": round(m["sensitivity"], 4),
             "specificity": round(m["specificity"], 4), "threshold": round(threshold, 4),
             "val_auc": round(roc_auc(y_val, s_val), 4), "seconds": round(seconds, 1),
@@ -184,7 +185,8 @@ def cnn_baseline(npz: Path, epochs: int, seed: int = 0) -> tuple[dict, dict]:
 
 
 # ----------------------------------------------------------------------------- part 1
-def pneumonia(shared: Path, work: Path, cnn_epochs: int) -> dict[str, Any]:
+def pneumonia(shared: Path, work: Path, cnn_epochs: int, contrastive_epochs: int | None,
+              reuse: bool) -> dict[str, Any]:
     from medsig.models.tiny import write_tiny
     from medsig.train import train
     from medsig.train.probe import train_probe
@@ -192,25 +194,35 @@ def pneumonia(shared: Path, work: Path, cnn_epochs: int) -> dict[str, Any]:
     npz = shared / "pneumoniamnist" / "pneumoniamnist.npz"
     data = work / "pneumonia"
     spec, labels = write_pneumonia(npz, data)
-    base = write_tiny(work / "models" / "tiny", image_size=32, patch_size=4, seed=0)
+    base = work / "models" / "tiny"
+    if not (reuse and (base / "medsig_tiny.json").is_file()):
+        write_tiny(base, image_size=32, patch_size=4, seed=0)
     results: dict[str, Any] = {}
 
-    def run(name: str, fn: Any, zeroshot: bool = False) -> None:
+    def run(name: str, out: Path, fn: Any, zeroshot: bool = False) -> None:
         start, cpu = time.perf_counter(), time.process_time()
-        folder = fn()
-        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+        if reuse and (out / "medsig.json").is_file():  # trained by an earlier run
+            folder = out
+            seconds = json.loads((out / "medsig.json").read_text()).get(
+                "training", {}).get("seconds", float("nan"))
+            cpu = float("nan")
+        else:
+            folder = fn()
+            seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
         s = medsig_scores(folder, data, labels, spec if zeroshot else None)
         results[name] = score(labels["val"], s["val"], labels["test"], s["test"], seconds, cpu)
         print(name, results[name], flush=True)
 
     common = {"spec": str(spec), "model": str(base)}
-    run("medsig classify (defaults, from scratch)",
+    run("medsig classify (defaults, from scratch)", work / "classify",
         lambda: train({**common, "objective": "classify", "out": str(work / "classify")}))
-    run("medsig probe (logistic, frozen random model)",
+    run("medsig probe (logistic, frozen random model)", work / "probe",
         lambda: train_probe({**common, "objective": "probe", "out": str(work / "probe")}))
-    run("medsig contrastive + zero-shot",
+    epochs = {"optim": {"epochs": contrastive_epochs}} if contrastive_epochs else {}
+    run(f"medsig contrastive ({contrastive_epochs or 'default'} epochs) + zero-shot",
+        work / "contrastive",
         lambda: train({**common, "objective": "contrastive", "out": str(work / "contrastive"),
-                       "eval": {"best_metric": "val/recall@1"}}), zeroshot=True)
+                       "eval": {"best_metric": "val/recall@1"}, **epochs}), zeroshot=True)
     start, cpu = time.perf_counter(), time.process_time()
     scores, y = cnn_baseline(npz, cnn_epochs)
     name = f"plain PyTorch CNN (3 conv layers, Adam, {cnn_epochs} epochs)"
@@ -292,6 +304,10 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=SHARED)
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--cnn-epochs", type=int, default=20)
+    ap.add_argument("--contrastive-epochs", type=int, default=None,
+                    help="default: the random-start default (20)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="score model folders an earlier run left in --work")
     ap.add_argument("--skip-covid", action="store_true")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "real.json")
     args = ap.parse_args()
@@ -303,7 +319,8 @@ def main() -> None:
                                            "load_before": os.getloadavg()},
                                "work": str(work)}
     start = time.perf_counter()
-    results["pneumoniamnist"] = pneumonia(args.data, work, args.cnn_epochs)
+    results["pneumoniamnist"] = pneumonia(args.data, work, args.cnn_epochs,
+                                          args.contrastive_epochs, args.reuse)
     if not args.skip_covid:
         results["covid_cxr"] = covid(args.data, work)
     results["machine"]["load_after"] = os.getloadavg()

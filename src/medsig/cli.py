@@ -238,7 +238,7 @@ def search_cmd(
 # -- demo ------------------------------------------------------------------------------------
 @app.command("demo")
 def demo(out: Path = typer.Option(Path("runs/demo"), help="Output folder."),
-         n: int = typer.Option(1000, help="Images to generate."),
+         n: int = typer.Option(1200, help="Images to generate."),
          seed: int = typer.Option(0, help="Random seed.")) -> None:
     """The main job end to end on generated data, a tiny model and a local Qdrant."""
     from medsig.demo import run_demo

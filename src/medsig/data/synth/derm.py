@@ -41,12 +41,16 @@ AGES = ("18-29", "30-39", "40-49", "50-59", "60-69", "70+")
 OLDER = {"Pigmented lesion", "Skin cancer", "Ulcer", "Blistering disease"}
 DURATIONS = ("1 day", "less than 1 week", "1-4 weeks", "1-3 months", "more than 3 months")
 CLOTH = ((70, 90, 140), (40, 40, 45), (200, 200, 205), (120, 60, 60), (90, 120, 90))
-TEMPLATES = ["A dermatological image showing {condition}.",
-             "Clinical presentation of {condition}: {description}",
-             "A close-up photo of the {body_site} with {condition}.",
-             # one label each: zero-shot prompts for the category and the referral
-             "A skin condition of the category {category}.",
-             "Referral for this skin lesion: {urgent}."]
+TEMPLATES = [
+    # the row's text where it has no description: every label in one caption
+    "A dermatological image showing {condition}, {category}, {urgent}.",
+    # one label each: the zero-shot prompts of the condition, the category and the referral
+    "A dermatological image showing {condition}.",
+    "A dermatological image showing {category}.",
+    "A dermatological image showing {urgent}.",
+    "Clinical presentation of {condition}: {description}",
+    "A close-up photo of the {body_site} with {condition}.",
+]
 
 
 def _cases(n: int, rng: np.random.Generator) -> tuple[list[str], list[int]]:

@@ -308,7 +308,7 @@ CATEGORY_COLORS: dict[str, tuple[int, int, int]] = {
 }
 VISIBLE_ALPHA = 0.92
 # Conditions that need an urgent referral show it: a dark, irregular, bleeding-looking rim.
-URGENT_RIM: Layer = ("ring", {"color": (70, 8, 12), "size": 1.25, "width": 0.22, "irr": 0.35,
+URGENT_RIM: Layer = ("ring", {"color": (70, 8, 12), "size": 1.3, "width": 0.3, "irr": 0.35,
                               "soft": 0.05, "alpha": 0.95})
 
 
