@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -297,13 +296,14 @@ def ratio(a: float, b: float) -> float:
 def run_shape(name: str, args: argparse.Namespace, work: Path, device: torch.device
               ) -> dict[str, Any]:
     from medsig.models.device import precision_dtype
+    from medsig.system import available_cores
 
     shape = SHAPES[name]
     res: dict[str, Any] = {"shape": name, "like": shape["hub"]}
     t = time.perf_counter()
     folder, res["params"] = build_model(shape, work / f"model-{name}", device)
     n = args.n_images if shape["image"] <= 224 or args.smoke else args.n_images_large
-    spec = make_data(work, n, shape["image"], 0 if args.smoke else os.cpu_count() or 1)
+    spec = make_data(work, n, shape["image"], 0 if args.smoke else available_cores())
     res["images"], res["setup_s"] = n, time.perf_counter() - t
     dtype = precision_dtype("auto", device)
     stages: dict[str, float] = {}
@@ -312,6 +312,7 @@ def run_shape(name: str, args: argparse.Namespace, work: Path, device: torch.dev
         t = time.perf_counter()
         value = fn(*a)
         stages[key] = round(time.perf_counter() - t, 2)
+        print(f"  [{name}] {key}: {stages[key]:.1f} s", file=sys.stderr, flush=True)
         return value
 
     res["ceiling"] = timed("ceiling", ceiling, folder, shape, device, dtype, args.batch,
@@ -326,7 +327,7 @@ def run_shape(name: str, args: argparse.Namespace, work: Path, device: torch.dev
                           work / f"store-{name}", args.batch, args.workers)
     res["medsig"]["train"] = timed("medsig_train", medsig_train, folder, spec, device,
                                    work / f"train-{name}", args.train_batch, args.train_steps,
-                                   args.workers or max(1, (os.cpu_count() or 2) - 1))
+                                   args.workers or max(1, available_cores() - 1))
     res["stage_s"] = stages
     if device.type == "cuda":
         torch.cuda.empty_cache()
