@@ -77,7 +77,17 @@ def test_engine_matches_the_float_path_and_tokenises_in_workers(spec, tiny):
     assert batches[0].tokens["input_ids"].shape == (2, enc.max_text_len)
 
 
+def _cpu_bf16() -> bool:
+    try:
+        x = torch.ones(2, 2, dtype=torch.bfloat16)
+        return bool(torch.isfinite(x @ x).all())
+    except RuntimeError:
+        return False
+
+
+@pytest.mark.skipif(not _cpu_bf16(), reason="this CPU build has no bf16 matmul")
 def test_bf16_matches_fp32_and_sdpa_is_used(tiny):
+    """Tiny model: cosine >= 0.999 (measured 1.0000); real shapes: bench/gpu.py prints it."""
     fp32, bf16 = Encoder.load(tiny, precision="fp32"), Encoder.load(tiny, precision="bf16")
     assert fp32.dtype == torch.float32 and bf16.dtype == torch.bfloat16
     assert fp32.model.config._attn_implementation == "sdpa"
