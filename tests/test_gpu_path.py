@@ -62,7 +62,7 @@ def spec(tmp_path):
 def test_engine_matches_the_float_path_and_tokenises_in_workers(spec, tiny):
     enc = Encoder.load(tiny)
     col = load_collection(spec)
-    # a worker process decodes, tokenises, and the batches arrive as uint8
+    # a worker process decodes and tokenises (on CPU it also normalises)
     image, text, rows, _ = embed_arrays(enc, col, batch_size=2, num_workers=1)
     assert list(rows) == list(range(5)) and text is not None
     floats = torch.cat([b.pixels for b in read_batches(col.image_paths, list(range(5)),
@@ -74,6 +74,9 @@ def test_engine_matches_the_float_path_and_tokenises_in_workers(spec, tiny):
     batches = list(read_batches(col.image_paths, [0, 1], enc.preprocess, 2, 0, uint8=True,
                                 texts=["x", "y"], tokenize=enc.tokenize_fn()))
     assert batches[0].pixels.dtype == torch.uint8 and batches[0].texts == ["x", "y"]
+    # what an accelerator gets: uint8 normalised by the encoder, the same embeddings
+    assert torch.allclose(enc.embed_images(batches[0].pixels), enc.embed_images(floats[:2]),
+                          atol=1e-5)
     assert batches[0].tokens["input_ids"].shape == (2, enc.max_text_len)
 
 

@@ -73,6 +73,12 @@ def _launch(encoder: Encoder, batch: ImageBatch) -> _InFlight:
     return _InFlight(batch, image, text, done)
 
 
+def device_normalises(encoder: Encoder) -> bool:
+    """uint8 batches normalised on an accelerator; on CPU the workers normalise (in
+    parallel, off the compute thread)."""
+    return encoder.preprocess.splits and encoder.device.type != "cpu"
+
+
 def _add(timings: dict[str, float], key: str, start: float) -> None:
     timings[key] = timings.get(key, 0.0) + time.perf_counter() - start
 
@@ -92,7 +98,7 @@ def iter_embeddings(encoder: Encoder, collection: Collection, rows: list[int] | 
     tokenize = encoder.tokenize_fn() if texts and encoder.tokenizer is not None else None
     batches = read_batches(collection.image_paths, rows, encoder.preprocess,
                            batch_size or default_batch_size(encoder.device), num_workers,
-                           draft_size=encoder.image_size, uint8=encoder.preprocess.splits,
+                           draft_size=encoder.image_size, uint8=device_normalises(encoder),
                            texts=strings, tokenize=tokenize,
                            pin_memory=pin_memory(encoder.device))
     it = iter(batches)
