@@ -13,7 +13,7 @@ from medsig.data.reader import read_batches
 from medsig.data.transforms import Preprocess, pad_to_square
 from medsig.errors import ConfigError
 from medsig.models.device import check_precision, default_batch_size, precision_dtype
-from medsig.models.embedding import embed_arrays
+from medsig.models.embedding import embed_arrays, iter_embeddings
 from medsig.models.encoder import Encoder
 from medsig.models.tiny import write_tiny
 from tests.conftest import write_wound_spec
@@ -65,6 +65,9 @@ def test_engine_matches_the_float_path_and_tokenises_in_workers(spec, tiny):
     # a worker process decodes and tokenises (on CPU it also normalises)
     image, text, rows, _ = embed_arrays(enc, col, batch_size=2, num_workers=1)
     assert list(rows) == list(range(5)) and text is not None
+    timings: dict[str, float] = {}
+    assert len(list(iter_embeddings(enc, col, [0, 1, 2], 2, 0, timings))) == 2
+    assert {"read_wait", "model", "device_wait", "first_batch"} <= set(timings)
     floats = torch.cat([b.pixels for b in read_batches(col.image_paths, list(range(5)),
                                                        enc.preprocess, 5, 0)])
     assert floats.dtype == torch.float32

@@ -209,7 +209,9 @@ def _print_embed_report(report) -> None:
                   f"{report.store}")
     console.print(f"{report.images_per_second:.1f} images/s; seconds: total "
                   f"{s.get('total', 0):.1f}, waiting for images {s.get('read_wait', 0):.1f}, "
-                  f"model {s.get('model', 0):.1f}, writing (background) {s.get('write', 0):.1f}")
+                  f"model {s.get('model', 0) + s.get('device_wait', 0):.1f}, writing "
+                  f"(background) {s.get('write', 0):.1f}; first batch after "
+                  f"{s.get('first_batch', 0):.1f}")
     for reason, n in report.skipped.items():
         console.print(f"[yellow]skipped {n} ({reason})[/]")
     for message in report.skipped_examples[:5]:

@@ -90,8 +90,10 @@ def iter_embeddings(encoder: Encoder, collection: Collection, rows: list[int] | 
     """Embed the images (and, with `texts`, the texts) of `rows` batch by batch.
 
     `timings` gains ``read_wait`` (waiting for workers), ``model`` (queueing the forward
-    passes; all of it on CPU) and ``device_wait`` (waiting for the GPU's results).
+    passes; all of it on CPU), ``device_wait`` (waiting for the GPU's results) and
+    ``first_batch`` (from this call to the first batch handed out: worker start-up).
     """
+    called = time.perf_counter()
     rows = list(range(len(collection))) if rows is None else rows
     timings = timings if timings is not None else {}
     strings = [collection.text(r) for r in rows] if texts else None
@@ -116,12 +118,14 @@ def iter_embeddings(encoder: Encoder, collection: Collection, rows: list[int] | 
             start = time.perf_counter()
             done = pending.finish()
             _add(timings, "device_wait", start)
+            timings.setdefault("first_batch", time.perf_counter() - called)
             yield done
         pending = queued
     if pending is not None:
         start = time.perf_counter()
         done = pending.finish()
         _add(timings, "device_wait", start)
+        timings.setdefault("first_batch", time.perf_counter() - called)
         yield done
 
 

@@ -285,13 +285,13 @@ def _train(cfg: TrainConfig, resume: bool,
 
     losses = StepLosses(accelerator.device)
 
-    def bad_loss(step: int, loss: float) -> None:
-        good = ckpt.roll_back(last, step - 1)
+    def bad_loss(row: dict[str, Any], loss: float) -> None:
+        good = ckpt.roll_back(last, row["step"] - 1)  # the weights that gave this loss
         kept = (f"the last good checkpoint (step {good}) is kept in {last}"
                 if good is not None else "no good checkpoint had been written")
-        raise ConfigError(f"the loss became {loss} at step {step} (epoch {state['epoch'] + 1}"
-                          f"); training stopped, {kept} - lower optim.lr or check the data",
-                          file=cfg.source)
+        raise ConfigError(f"the loss became {loss} at step {row['step']} (epoch "
+                          f"{row['epoch']}); training stopped, {kept} - lower optim.lr or "
+                          "check the data", file=cfg.source)
 
     def read_losses() -> float | None:
         """The queued step losses into the log (one host sync); a non-finite one stops."""
