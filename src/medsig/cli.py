@@ -193,11 +193,15 @@ def embed(
 ) -> None:
     """Embed every image (and its text) into Qdrant with all metadata; resumable."""
     from medsig.index.runner import embed_collection
+    from medsig.index.store import close_client
     from medsig.models.device import inference_settings
 
     batch_size = inference_settings(precision, batch_size, device)
-    report = embed_collection(spec, model, store, collection, batch_size, limit, device,
-                              workers, recreate)
+    try:
+        report = embed_collection(spec, model, store, collection, batch_size, limit, device,
+                                  workers, recreate)
+    finally:  # closed now, not by Qdrant's __del__ at interpreter exit (it prints a traceback)
+        close_client(store)
     _print_embed_report(report)
 
 
