@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -258,7 +257,7 @@ def medsig_embed(folder: Path, spec: Path, device: torch.device, store: Path, ba
 
 
 def medsig_train(folder: Path, spec: Path, device: torch.device, out: Path, batch: int,
-                 steps: int, workers: int) -> dict[str, Any]:
+                 steps: int, workers: int, threads: int | None = None) -> dict[str, Any]:
     """``medsig.train`` contrastive; pairs/s between optimizer steps after the first."""
     from medsig.train import train
 
@@ -268,6 +267,8 @@ def medsig_train(folder: Path, spec: Path, device: torch.device, out: Path, batc
            "precision": "bf16" if device.type == "cuda" else "fp32",
            "optim": {"max_steps": steps, "batch_size": batch, "lr": 1e-5},
            "eval": {"at_start": False}, "contrastive": {"loss": "sigmoid"}}
+    if threads:
+        cfg["threads"] = threads
     train(cfg, callback=lambda info: stamps.append(time.perf_counter()))
     gaps = np.diff(stamps[1:])  # steps 2.. : the first includes start-up and compilation
     return {"pairs_per_s": batch / float(np.mean(gaps)) if len(gaps) else float("nan"),
@@ -297,13 +298,14 @@ def ratio(a: float, b: float) -> float:
 def run_shape(name: str, args: argparse.Namespace, work: Path, device: torch.device
               ) -> dict[str, Any]:
     from medsig.models.device import precision_dtype
+    from medsig.system import available_cores
 
     shape = SHAPES[name]
     res: dict[str, Any] = {"shape": name, "like": shape["hub"]}
     t = time.perf_counter()
     folder, res["params"] = build_model(shape, work / f"model-{name}", device)
     n = args.n_images if shape["image"] <= 224 or args.smoke else args.n_images_large
-    spec = make_data(work, n, shape["image"], 0 if args.smoke else os.cpu_count() or 1)
+    spec = make_data(work, n, shape["image"], 0 if args.smoke else available_cores())
     res["images"], res["setup_s"] = n, time.perf_counter() - t
     dtype = precision_dtype("auto", device)
     stages: dict[str, float] = {}
@@ -312,6 +314,7 @@ def run_shape(name: str, args: argparse.Namespace, work: Path, device: torch.dev
         t = time.perf_counter()
         value = fn(*a)
         stages[key] = round(time.perf_counter() - t, 2)
+        print(f"  [{name}] {key}: {stages[key]:.1f} s", file=sys.stderr, flush=True)
         return value
 
     res["ceiling"] = timed("ceiling", ceiling, folder, shape, device, dtype, args.batch,
@@ -326,7 +329,7 @@ def run_shape(name: str, args: argparse.Namespace, work: Path, device: torch.dev
                           work / f"store-{name}", args.batch, args.workers)
     res["medsig"]["train"] = timed("medsig_train", medsig_train, folder, spec, device,
                                    work / f"train-{name}", args.train_batch, args.train_steps,
-                                   args.workers or max(1, (os.cpu_count() or 2) - 1))
+                                   args.workers or max(1, available_cores() - 1), args.threads)
     res["stage_s"] = stages
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -378,12 +381,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--train-steps", type=int, default=16)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--workers", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads, for the raw steps and medsig.train alike (CPU runs)")
     ap.add_argument("--compile", action="store_true",
                     help="also time the image tower under torch.compile (is it worth a flag?)")
     args = ap.parse_args(argv)
     if args.smoke:
         args.shapes, args.n_images, args.batch, args.train_batch = "tiny", 48, 16, 8
-        args.train_steps, args.iters, args.workers = 4, 2, 0
+        args.train_steps, args.iters, args.workers, args.threads = 4, 2, 0, 1
     return args
 
 
@@ -402,6 +407,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                else "cpu", "torch": torch.__version__, "args": {
                                    k: str(v) for k, v in vars(args).items()}, "shapes": []}
     quiet_transformers()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.shapes.split(","):
             res = run_shape(name, args, Path(tmp), device)

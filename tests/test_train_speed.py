@@ -20,7 +20,7 @@ def test_losses_are_read_in_groups_with_the_rows_in_order():
         assert not losses.due()
     losses.add({"step": 3, "train/loss": None, "train/lr": 0.1}, torch.tensor(1.5))
     assert losses.due()
-    last = losses.flush(rows.append, lambda step, loss: None)
+    last = losses.flush(rows.append, lambda row, loss: None)
     assert last == 1.5 and [r["train/loss"] for r in rows] == [0.5, 1.0, 1.5]
     assert list(rows[0]) == ["step", "train/loss", "train/lr"]  # log.csv column order
     assert losses.flush(rows.append, lambda s, v: None) is None and len(rows) == 3
@@ -32,8 +32,8 @@ def test_the_first_non_finite_loss_stops_before_any_row_is_logged():
         losses.add({"step": step, "train/loss": None}, torch.tensor(value))
     rows: list[dict] = []
 
-    def bad(step: int, loss: float) -> None:
-        raise RuntimeError(f"step {step}: {loss}")
+    def bad(row: dict, loss: float) -> None:
+        raise RuntimeError(f"step {row['step']}: {loss}")
 
     with pytest.raises(RuntimeError, match="step 2: nan"):
         losses.flush(rows.append, bad)

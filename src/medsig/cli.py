@@ -180,9 +180,11 @@ def embed(
     from medsig.models.device import inference_settings
 
     batch_size = inference_settings(precision, batch_size, device)
-    report = embed_collection(spec, model, store, collection, batch_size, limit, device,
-                              workers, recreate)
-    close_store(store)
+    try:
+        report = embed_collection(spec, model, store, collection, batch_size, limit, device,
+                                  workers, recreate)
+    finally:  # closed now, not by Qdrant's __del__ at interpreter exit (it prints a traceback)
+        close_store(store)
     _print_embed_report(report)
 
 
@@ -194,8 +196,9 @@ def _print_embed_report(report) -> None:
                   f"{report.store}")
     console.print(f"{report.images_per_second:.1f} images/s; seconds: total "
                   f"{s.get('total', 0):.1f}, waiting for images {s.get('read_wait', 0):.1f}, "
-                  f"model {s.get('model', 0):.1f}, writing (background) {s.get('write', 0):.1f}, "
-                  f"building the search index {s.get('index', 0):.1f}")
+                  f"model {s.get('model', 0) + s.get('device_wait', 0):.1f}, writing "
+                  f"(background) {s.get('write', 0):.1f}, building the search index "
+                  f"{s.get('index', 0):.1f}; first batch after {s.get('first_batch', 0):.1f}")
     for reason, n in report.skipped.items():
         console.print(f"[yellow]skipped {n} ({reason})[/]")
     for message in report.skipped_examples[:5]:

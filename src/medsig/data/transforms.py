@@ -74,6 +74,7 @@ class Preprocess:
         self.size, self.mode, self.resample, self.processor = int(size), mode, resample, processor
         self.mean = torch.tensor(list(mean), dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(list(std), dtype=torch.float32).view(3, 1, 1)
+        self._on_device: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
     def from_processor(cls, processor: Any, mode: str = "pad") -> Preprocess:
@@ -110,8 +111,16 @@ class Preprocess:
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 ``(..., 3, s, s)`` on any device -> normalised float32 on that device."""
         tensor = pixels.float().div_(255.0)
-        mean, std = self.mean.to(pixels.device), self.std.to(pixels.device)
+        if pixels.device.type == "cpu":
+            return (tensor - self.mean) / self.std
+        key = str(pixels.device)  # copied to a device once, not every batch
+        if key not in self._on_device:
+            self._on_device[key] = (self.mean.to(pixels.device), self.std.to(pixels.device))
+        mean, std = self._on_device[key]
         return (tensor - mean) / std
+
+    def __getstate__(self) -> dict[str, Any]:  # data workers get no device tensors
+        return {**self.__dict__, "_on_device": {}}
 
     def __repr__(self) -> str:
         return f"Preprocess(size={self.size}, mode={self.mode!r})"

@@ -73,6 +73,12 @@ def _launch(encoder: Encoder, batch: ImageBatch) -> _InFlight:
     return _InFlight(batch, image, text, done)
 
 
+def device_normalises(encoder: Encoder) -> bool:
+    """uint8 batches normalised on an accelerator; on CPU the workers normalise (in
+    parallel, off the compute thread)."""
+    return encoder.preprocess.splits and encoder.device.type != "cpu"
+
+
 def _add(timings: dict[str, float], key: str, start: float) -> None:
     timings[key] = timings.get(key, 0.0) + time.perf_counter() - start
 
@@ -84,15 +90,17 @@ def iter_embeddings(encoder: Encoder, collection: Collection, rows: list[int] | 
     """Embed the images (and, with `texts`, the texts) of `rows` batch by batch.
 
     `timings` gains ``read_wait`` (waiting for workers), ``model`` (queueing the forward
-    passes; all of it on CPU) and ``device_wait`` (waiting for the GPU's results).
+    passes; all of it on CPU), ``device_wait`` (waiting for the GPU's results) and
+    ``first_batch`` (from this call to the first batch handed out: worker start-up).
     """
+    called = time.perf_counter()
     rows = list(range(len(collection))) if rows is None else rows
     timings = timings if timings is not None else {}
     strings = [collection.text(r) for r in rows] if texts else None
     tokenize = encoder.tokenize_fn() if texts and encoder.tokenizer is not None else None
     batches = read_batches(collection.image_paths, rows, encoder.preprocess,
                            batch_size or default_batch_size(encoder.device), num_workers,
-                           draft_size=encoder.image_size, uint8=encoder.preprocess.splits,
+                           draft_size=encoder.image_size, uint8=device_normalises(encoder),
                            texts=strings, tokenize=tokenize,
                            pin_memory=pin_memory(encoder.device))
     it = iter(batches)
@@ -110,12 +118,14 @@ def iter_embeddings(encoder: Encoder, collection: Collection, rows: list[int] | 
             start = time.perf_counter()
             done = pending.finish()
             _add(timings, "device_wait", start)
+            timings.setdefault("first_batch", time.perf_counter() - called)
             yield done
         pending = queued
     if pending is not None:
         start = time.perf_counter()
         done = pending.finish()
         _add(timings, "device_wait", start)
+        timings.setdefault("first_batch", time.perf_counter() - called)
         yield done
 
 

@@ -379,16 +379,17 @@ class Trainer:
         """The queued step losses into the log (one host sync); a non-finite one stops."""
         return self.losses.flush(self.log.add, self._diverged)
 
-    def _diverged(self, step: int, loss: float) -> None:
-        """A non-finite loss at `step` (equal on every process): keep the last good
+    def _diverged(self, row: dict[str, Any], loss: float) -> None:
+        """A non-finite loss (equal on every process) in the logged `row`: keep the last good
         checkpoint, stop."""
         main = self.accelerator.is_main_process
+        step = row["step"]  # the weights of step - 1 gave this loss
         good = broadcast(ckpt.roll_back(self.last, step - 1) if main else None)
         kept = (f"the last good checkpoint (step {good}) is kept in {self.last}"
                 if good is not None else "no good checkpoint had been written")
-        raise ConfigError(f"the loss became {loss} at step {step} (epoch "
-                          f"{self.state.epoch + 1}); training stopped, {kept} - lower "
-                          "optim.lr or check the data", file=self.cfg.source)
+        raise ConfigError(f"the loss became {loss} at step {step} (epoch {row['epoch']}); "
+                          f"training stopped, {kept} - lower optim.lr or check the data",
+                          file=self.cfg.source)
 
     def _after_epoch(self, epoch: int) -> None:
         """Close a finished epoch, evaluate when due, early stopping, checkpoint."""

@@ -33,8 +33,8 @@ class StepLosses:
         return len(self.pending) >= self.every
 
     def flush(self, on_row: Callable[[dict[str, Any]], None],
-              on_bad: Callable[[int, float], None]) -> float | None:
-        """Read all queued losses (one sync); ``on_bad(step, loss)`` for the first
+              on_bad: Callable[[dict[str, Any], float], None]) -> float | None:
+        """Read all queued losses (one sync); ``on_bad(row, loss)`` for the first
         non-finite one (it should raise), else ``on_row`` per row; the last loss."""
         if not self.pending:
             return None
@@ -43,7 +43,7 @@ class StepLosses:
         self.pending = []
         for row, value in zip(rows, values):
             if not math.isfinite(value):
-                on_bad(row["step"], value)
+                on_bad(row, value)
         for row, value in zip(rows, values):
             on_row({**row, "train/loss": value})  # keeps the row's key order
         return values[-1]
