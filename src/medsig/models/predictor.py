@@ -67,12 +67,21 @@ class Predictor:
         self.preprocess = encoder.preprocess
         self.image_size = encoder.image_size
         self.objective = str(meta.get("objective", "zeroshot"))
+        self.safety: Any = None  # medsig.models.safety.Safety, attached by load_predictor
+
+    def _calibrated(self, probs: np.ndarray) -> np.ndarray:
+        return probs if self.safety is None else self.safety.calibrate(self.heads, probs)
 
     @torch.inference_mode()
-    def predict_pixels(self, pixels: torch.Tensor) -> np.ndarray:
+    def raw_probabilities(self, pixels: torch.Tensor) -> np.ndarray:
+        """Head probabilities before calibration."""
         if len(pixels) == 0:
             return np.zeros((0, sum(int(h["size"]) for h in self.heads)), np.float32)
         return self._forward(pixels).float().cpu().numpy()
+
+    def predict_pixels(self, pixels: torch.Tensor) -> np.ndarray:
+        """Head probabilities (calibrated when the folder has temperatures)."""
+        return self._calibrated(self.raw_probabilities(pixels))
 
     @property
     def uses_embeddings(self) -> bool:
@@ -85,7 +94,7 @@ class Predictor:
         if self._from_embeddings is None:
             raise ConfigError(f"{self.objective} predictions need pixels, not embeddings")
         x = torch.as_tensor(np.asarray(emb), dtype=torch.float32)
-        return self._from_embeddings(x).float().cpu().numpy()
+        return self._calibrated(self._from_embeddings(x).float().cpu().numpy())
 
     def embed(self, pixels: torch.Tensor) -> np.ndarray:
         """L2-normalised image embeddings (the encoder the predictions come from)."""
@@ -112,8 +121,9 @@ def _version(folder: Path | None, meta: dict[str, Any]) -> str:
 
 
 def load_predictor(model: str | Path, device: str | None = None, spec: str | Path | None = None,
-                   labels: Sequence[str] | None = None) -> Predictor:
-    """A Predictor for a medsig output folder, or zero-shot for an image-text checkpoint."""
+                   labels: Sequence[str] | None = None, safe_outputs: bool = True) -> Predictor:
+    """A Predictor for a medsig output folder, or zero-shot for an image-text checkpoint;
+    ``safe_outputs``: attach the folder's calibration / conformal / OOD data when present."""
     folder = Path(model) if Path(model).is_dir() else None
     meta_path = folder / "medsig.json" if folder is not None else None
     meta: dict[str, Any] = {}
@@ -126,10 +136,18 @@ def load_predictor(model: str | Path, device: str | None = None, spec: str | Pat
     name = str(meta.get("name") or (folder.name if folder is not None else model))
     version = _version(folder, meta)
     if objective == "classify":
-        return _classifier(str(model), device, meta, name, version)
-    if objective == "probe":
-        return _probe(folder, device, meta, name, version)  # type: ignore[arg-type]
-    return _zeroshot(str(model), device, meta, name, version, spec, labels)
+        predictor = _classifier(str(model), device, meta, name, version)
+    elif objective == "probe":
+        predictor = _probe(folder, device, meta, name, version)  # type: ignore[arg-type]
+    else:
+        predictor = _zeroshot(str(model), device, meta, name, version, spec, labels)
+    if safe_outputs and spec is None and labels is None:  # they belong to the saved heads
+        from medsig.models.safety import load_safety
+
+        predictor.safety = load_safety(folder)
+        if predictor.safety is not None:
+            predictor.heads = predictor.safety.calibrated_heads(predictor.heads)
+    return predictor
 
 
 def _classifier(model: str, device: str | None, meta: dict, name: str, version: str

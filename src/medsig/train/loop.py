@@ -449,6 +449,11 @@ def _finish(cfg: TrainConfig, data: TrainData, objective: Objective, accelerator
     text = json.dumps(_clean(info), indent=2, default=_json_default, allow_nan=False)
     (out / "medsig.json").write_text(text + "\n")
     write_card(out, info)
+    if cfg.eval.safe_outputs and info["heads"]:  # medsig.train.safety
+        from medsig.train.safety import fit_safety
+
+        fit_safety(out, cfg.spec, cfg.eval.alpha, cfg.eval.ood_false_reject, cfg.seed,
+                   cfg.optim.batch_size, str(accelerator.device))
     _say(accelerator, f"saved {out} ({state['step']} steps, {seconds:.1f} s)")
     return out
 
