@@ -47,7 +47,7 @@ class ProbeNet(nn.Module):
 
 def head_probabilities(logits: torch.Tensor, heads: Sequence[dict[str, Any]]) -> torch.Tensor:
     """Sigmoid for binary / multilabel outputs, softmax over each multiclass slice."""
-    probs = torch.sigmoid(logits.float())
+    probs = torch.sigmoid(logits.float()).clone()  # written in place below (autograd-safe)
     for h in heads:
         if h["kind"] == "multiclass":
             cols = slice(int(h["offset"]), int(h["offset"]) + int(h["size"]))

@@ -71,6 +71,11 @@ def summarize(labels: Sequence[LabelResult], model_name: str, version: str) -> s
 
 
 def _finding(lab: LabelResult) -> str:
+    if lab.state == "uncertain":  # conformal set of several states (medsig.serve.safe)
+        plausible = ", ".join(lab.uncertain_classes if lab.kind == "multilabel"
+                              else lab.conformal_set or []) or "none"
+        return (f"uncertain — needs review (plausible: {plausible}; "
+                f"p={lab.probability:.2f})")
     if lab.kind == "binary":
         return f"{lab.decision} (p={lab.probability:.2f}, threshold {lab.threshold:.2f})"
     if lab.kind == "multiclass":
