@@ -97,7 +97,7 @@ def test_zero_shot_predictor_from_a_spec(setup):
     with pytest.raises(ConfigError, match="spec"):
         load_predictor(tiny)
     predictor = load_predictor(tiny, spec=spec, labels=["urgency", "exudate"])
-    assert [h["name"] for h in predictor.heads] == ["urgency", "exudate"]
+    assert [h.name for h in predictor.heads] == ["urgency", "exudate"]
     probs = predictor.predict_pixels(_pixels(predictor, load_collection(spec).image_paths[:4]))
     assert probs.shape == (4, 1 + 4)
     assert np.allclose(probs[:, 1:].sum(1), 1, atol=1e-5)

@@ -143,7 +143,7 @@ def test_health_and_labels(live, env) -> None:
     assert health["status"] == "ok" and health["search"] and not health["auth_required"]
     assert health["model"] == {"name": env.predictor.name, "version": env.predictor.version}
     labels = live.get("/v1/labels").json()
-    heads = env.predictor.heads  # medsig.json thresholds mapped through the temperatures
+    heads = [h.to_dict() for h in env.predictor.heads]  # thresholds after the temperatures
     assert [h["name"] for h in labels["heads"]] == [h["name"] for h in heads]
     for got, want in zip(labels["heads"], heads):
         assert got["classes"] == want["classes"] and got["kind"] == want["kind"]
@@ -164,7 +164,7 @@ def test_predict_matches_the_model_and_thresholds(live, env) -> None:
     expected = np.asarray(env.predictor.predict_pixels(pixels[None]))[0]
     raw = np.asarray(env.predictor.raw_probabilities(pixels[None]))[0]
     saved = {h["name"]: h for h in env.meta["heads"]}
-    heads = {h["name"]: h for h in env.predictor.heads}  # thresholds after the temperatures
+    heads = {h.name: h.to_dict() for h in env.predictor.heads}  # thresholds after temperatures
     assert [lab["name"] for lab in body["labels"]] == list(heads)
     for lab in body["labels"]:
         h = heads[lab["name"]]
@@ -177,7 +177,9 @@ def test_predict_matches_the_model_and_thresholds(live, env) -> None:
             # calibration moves probability and threshold together: the same decision
             raw_yes = raw[h["offset"]] >= saved[lab["name"]]["thresholds"][0]
             assert lab["decision"] == h["classes"][int(raw_yes)]
-            line = f"{lab['name']}: {lab['decision']} (p={lab['probability']:.2f}"
+            assert lab["probability_of"] == h["classes"][1]  # always P(positive state)
+            line = f"{lab['name']}: {lab['decision']} (P({h['classes'][1]}) = " \
+                f"{lab['probability']:.2f}"
             if lab["state"] == "uncertain":
                 line = f"{lab['name']}: uncertain — needs review"
             assert line in body["summary"]

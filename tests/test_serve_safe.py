@@ -89,8 +89,9 @@ def test_unlike_images_are_not_assessed(client, image) -> None:
 
 
 def test_uncertain_state_when_every_state_is_plausible(client) -> None:
+    from medsig.models.heads import heads_of
     from medsig.serve import safe
-    from medsig.serve.summary import decide, heads_of, summarize
+    from medsig.serve.summary import label_results, summarize
 
     _, env = client
     predictor = copy.copy(env.predictor)
@@ -99,7 +100,7 @@ def test_uncertain_state_when_every_state_is_plausible(client) -> None:
         entry["qhat"] = [1.0] * len(entry["qhat"])  # a set holds every state
     heads = heads_of(predictor.heads)
     probs = np.full(sum(h.size for h in heads), 0.5, np.float32)
-    results = safe.with_sets(predictor, heads, decide(heads, probs), probs)
+    results = safe.with_sets(predictor, heads, label_results(heads, probs), probs)
     assert all(r.state == "uncertain" for r in results)
     assert safe.status_of(results, None) == "uncertain"
     text = summarize(results, "m", "v")

@@ -10,10 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from medsig.models.heads import Head
 from medsig.serve.batching import MicroBatcher, as_list
 from medsig.serve.security import ApiError, parse_multipart
 from medsig.serve.state import ServeSettings, resolve_image, scrub_paths
-from medsig.serve.summary import CAVEAT, Head, decide, summarize
+from medsig.serve.summary import CAVEAT, head_info, summarize
+from medsig.serve.summary import label_results as decide
 
 HEADS = [
     Head("urgency", "binary", ["home care", "needs attention"], 0, 1, [0.41]),
@@ -86,8 +88,11 @@ def test_decide_follows_thresholds_and_readable_states() -> None:
     cond = labels["condition"]
     assert cond.present == ["Eczema"] and cond.decision == "Eczema"  # 0.29 < 0.3 for Wart
     text = summarize(list(labels.values()), "wound-probe", "0.1.0")
-    assert "urgency: needs attention (p=0.83, threshold 0.41)" in text
-    assert "infection_risk: Medium (p=0.50" in text and text.endswith(CAVEAT)
+    assert "urgency: needs attention (P(needs attention) = 0.83, at or above the threshold " \
+        "0.41)" in text
+    assert "infection_risk: Medium (P(Medium) = 0.50; P(High) = 0.30, P(Low) = 0.20)" in text
+    assert "condition: Eczema (P(Eczema) = 0.60, threshold 0.50)" in text
+    assert text.endswith(CAVEAT)
     assert "not a diagnosis" in CAVEAT
 
 
@@ -98,14 +103,28 @@ def test_summary_names_the_strongest_multilabel_findings_and_counts_the_rest() -
     head = Head("condition", "multilabel", classes, 0, 12, [0.1] * 12)
     probs = np.linspace(0.9, 0.35, 12)
     text = summarize(decide([head], probs), "m", "1")
-    assert "c0 (p=0.90" in text and f"c{MAX_LISTED - 1} " in text
+    assert "c0 (P(c0) = 0.90" in text and f"c{MAX_LISTED - 1} " in text
     assert f"c{MAX_LISTED} " not in text and f"{12 - MAX_LISTED} more above threshold" in text
+
+
+def test_findings_name_the_state_their_probability_is_for() -> None:
+    """A negative binary decision shows P(positive state) labelled as such, never a bare p
+    beside the negative state; multiclass and multilabel name each probability's class."""
+    low = decide(HEADS, np.array([0.31, 0.7, 0.2, 0.1, 0.2, 0.1]))
+    urgency, risk, cond = low
+    assert (urgency.decision, urgency.probability_of) == ("home care", "needs attention")
+    text = summarize(low, "m", "1")
+    assert "urgency: home care (P(needs attention) = 0.31, below the threshold 0.41)" in text
+    assert "infection_risk: Low (P(Low) = 0.70; P(Medium) = 0.20, P(High) = 0.10)" in text
+    assert "condition: none above its threshold (highest P(Eczema) = 0.20, below the " \
+        "threshold 0.50)" in text
+    assert "p=" not in text and (risk.probability_of, cond.probability_of) == ("Low", "Eczema")
 
 
 def test_head_from_medsig_json_dict() -> None:
     h = Head.of({"name": "edema", "kind": "binary", "classes": ["no edema", "edema"],
                  "offset": 3, "size": 1, "thresholds": [0.7], "threshold_rule": "youden"})
-    assert (h.offset, h.size, h.thresholds, h.info().threshold_rule) == (3, 1, [0.7], "youden")
+    assert (h.offset, h.size, h.thresholds, head_info(h).threshold_rule) == (3, 1, [0.7], "youden")
 
 
 def _form(parts: list[tuple[str, str | None, bytes]], boundary: str = "XyZ") -> bytes:

@@ -35,6 +35,8 @@ from medsig.evaluate.tasks import (
     zeroshot,
 )
 from medsig.metrics.classification import nanmean
+from medsig.models.artifact import Artifact
+from medsig.models.heads import total_outputs
 
 TASKS = ("classification", "retrieval", "zeroshot", "clustering")
 CACHE_VERSION = 2
@@ -43,14 +45,9 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 # -- model outputs and cache -------------------------------------------------------------------
-def _meta(path: str) -> dict[str, Any]:
-    file = Path(path) / "medsig.json"
-    if not file.is_file():
-        return {}
-    try:
-        return json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"unreadable medsig.json: {exc}", file=file) from None
+def _artifact(path: str) -> Artifact | None:
+    """The model folder's record (None for a hub id or a folder without medsig.json)."""
+    return Artifact.find(path) if Path(path).is_dir() else None
 
 
 def _signature(path: str) -> list[Any]:
@@ -67,9 +64,10 @@ def fingerprint(path: str, col: Collection, device: str | None = None) -> str:
     for file in (col.spec.path, col.spec.table_path):
         if file is not None and Path(file).is_file():
             h.update(Path(file).read_bytes())
-    base = _meta(path).get("encoder")
+    art = _artifact(path)
+    base = art.encoder_source(path) if art is not None and art.encoder != "." else None
     parts = {"v": CACHE_VERSION, "model": _signature(path), "ids": col.ids,
-             "encoder": _signature(str(base)) if base else None, "device": device}
+             "encoder": _signature(base) if base else None, "device": device}
     h.update(json.dumps(parts, sort_keys=True, default=str).encode())
     return h.hexdigest()
 
@@ -78,7 +76,7 @@ def _predict(predictor: Any, col: Collection, rows: np.ndarray, batch_size: int,
              num_workers: int | None) -> np.ndarray:
     from medsig.data.reader import read_batches
 
-    k = sum(int(h["size"]) for h in predictor.heads)
+    k = total_outputs(predictor.heads)
     out = np.full((len(col), k), np.nan, np.float32)
     for b in read_batches(col.image_paths, rows.tolist(), predictor.preprocess, batch_size,
                           num_workers, draft_size=predictor.image_size):
@@ -91,18 +89,16 @@ def compute_outputs(path: str, col: Collection, batch_size: int = 64, device: st
                     num_workers: int | None = None) -> ModelOutputs:
     """Embed the split with one model; head probabilities and zero-shot where available."""
     from medsig.models.embedding import embed_arrays
-    from medsig.models.encoder import Encoder
+    from medsig.models.predictor import load_encoder, load_predictor
 
     start = time.perf_counter()
-    meta = _meta(path)
+    art = _artifact(path)
     predictor = None
-    if meta.get("objective") in ("classify", "probe") and meta.get("heads"):
-        from medsig.models.predictor import load_predictor
-
+    if art is not None and art.objective in ("classify", "probe") and art.heads:
         predictor = load_predictor(path, device=device)
         encoder = predictor.encoder
     else:
-        encoder = Encoder.load(path, device=device, preprocess=meta.get("preprocess", "pad"))
+        encoder = load_encoder(path, device=device, artifact=art)
     has_text = encoder.tokenizer is not None
     image, text, rows, skipped = embed_arrays(encoder, col, batch_size, num_workers,
                                               texts=has_text)
@@ -116,8 +112,10 @@ def compute_outputs(path: str, col: Collection, batch_size: int = 64, device: st
         res.zeroshot, class_text = zeroshot_all(encoder, col.subset(rows), res.image)
         main = main_label(col)
         res.class_text = class_text[main] if main is not None else None
-    res.info = {"kind": encoder.kind, "objective": meta.get("objective"),
-                "heads": list(predictor.heads) if predictor is not None else [],
+    res.info = {"kind": encoder.kind, "objective": art.objective if art else None,
+                "folder_kind": art.kind if art else None,
+                "heads": [h.to_dict() for h in predictor.heads] if predictor is not None
+                else [],
                 "embed_dim": int(image.shape[1]), "skipped_images": dict(skipped),
                 "embed_seconds": round(time.perf_counter() - start, 3)}
     return res

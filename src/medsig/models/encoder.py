@@ -45,6 +45,19 @@ def resolve_cached(name: str) -> str:
     return str(Path(cached).parent) if isinstance(cached, str) else name
 
 
+def load_image_processor(source: str) -> Any:
+    """``AutoImageProcessor`` of a hub id or folder; a medsig classifier folder's own
+    processor (``hf_image_processor``, named in its auto_map) without running its copy."""
+    from transformers import AutoImageProcessor
+
+    config = Path(source) / "preprocessor_config.json"
+    if config.is_file() and "MedsigImageProcessor" in config.read_text():
+        from medsig.models.hf_image_processor import MedsigImageProcessor
+
+        return MedsigImageProcessor.from_pretrained(source)
+    return AutoImageProcessor.from_pretrained(source)
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0][:200] if text else type(exc).__name__
@@ -67,9 +80,11 @@ class Encoder:
     def load(cls, name_or_path: str | Path, device: str | torch.device | None = None,
              preprocess: str = "pad", dtype: torch.dtype | None = None) -> Encoder:
         """Load ``name_or_path`` (hub id or folder); fp32 on CPU, bf16/fp16 on GPU."""
-        from transformers import AutoConfig, AutoImageProcessor
+        from transformers import AutoConfig
 
         name = str(name_or_path)
+        if is_adapter_folder(name):  # a LoRA adapter: its base + the adapter, merged
+            return load_adapter(cls, name, device, preprocess, dtype)
         device = select_device(device)
         source = resolve_cached(name)
         from transformers.utils import logging as hf_logging
@@ -99,7 +114,7 @@ class Encoder:
                 from transformers import AutoModel
 
                 model = AutoModel.from_pretrained(source, dtype=dtype)
-            image_processor = AutoImageProcessor.from_pretrained(source)
+            image_processor = load_image_processor(source)
         except _LOAD_ERRORS as exc:
             raise ConfigError(f"cannot load model '{name}': {_first_line(exc)}") from None
         has_text = hasattr(model, "get_text_features") and not classifier
@@ -208,3 +223,29 @@ class Encoder:
     def __repr__(self) -> str:
         return (f"Encoder({self.name!r}, kind={self.kind}, image_size={self.image_size}, "
                 f"dim={self.embed_dim}, device={self.device})")
+
+
+def is_adapter_folder(name: str) -> bool:
+    """A peft LoRA adapter folder (adapter_config.json, no full model config)."""
+    folder = Path(name)
+    return (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file()
+
+
+def load_adapter(cls: type[Encoder], folder: str, device: Any, preprocess: str,
+                 dtype: torch.dtype | None) -> Encoder:
+    """The adapter's base model (hub id or folder-relative path in adapter_config.json) with
+    the LoRA weights merged in; the folder's own processor and tokenizer when present."""
+    from peft import PeftModel
+
+    from medsig.models.artifact import adapter_base
+
+    base = adapter_base(folder)
+    encoder = cls.load(str(base), device=device, preprocess=preprocess, dtype=dtype)
+    try:
+        model = PeftModel.from_pretrained(encoder.model, folder)
+    except _LOAD_ERRORS as exc:
+        raise ConfigError(f"cannot load the LoRA adapter in '{folder}': {_first_line(exc)}"
+                          ) from None
+    encoder.model = model.merge_and_unload().to(encoder.device).eval()
+    encoder.name = folder
+    return encoder

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,9 @@ import torch
 from torch import nn
 
 from medsig.errors import ConfigError
+from medsig.models.artifact import Artifact
 from medsig.models.encoder import Encoder
+from medsig.models.heads import Head, decide, head_probabilities, heads_for, total_outputs
 
 PROBE_WEIGHTS = "probe.safetensors"
 
@@ -45,38 +48,34 @@ class ProbeNet(nn.Module):
         return self.net((x - self.mean) / self.std)
 
 
-def head_probabilities(logits: torch.Tensor, heads: Sequence[dict[str, Any]]) -> torch.Tensor:
-    """Sigmoid for binary / multilabel outputs, softmax over each multiclass slice."""
-    probs = torch.sigmoid(logits.float()).clone()  # written in place below (autograd-safe)
-    for h in heads:
-        if h["kind"] == "multiclass":
-            cols = slice(int(h["offset"]), int(h["offset"]) + int(h["size"]))
-            probs[:, cols] = torch.softmax(logits[:, cols].float(), dim=1)
-    return probs
-
-
 class Predictor:
     """Probabilities per head for preprocessed pixels, plus image embeddings."""
 
-    def __init__(self, name: str, version: str, meta: dict[str, Any], encoder: Encoder,
-                 heads: list[dict[str, Any]], forward: Any, from_embeddings: Any = None
-                 ) -> None:
-        self.name, self.version, self.meta = name, version, meta
-        self.encoder, self.heads, self._forward = encoder, heads, forward
+    def __init__(self, name: str, version: str, artifact: Artifact, encoder: Encoder,
+                 heads: list[Head], forward: Any, from_embeddings: Any = None) -> None:
+        self.name, self.version, self.artifact = name, version, artifact
+        self.encoder, self.heads, self._forward = encoder, list(heads), forward
         self._from_embeddings = from_embeddings
         self.preprocess = encoder.preprocess
         self.image_size = encoder.image_size
-        self.objective = str(meta.get("objective", "zeroshot"))
+        self.objective = artifact.objective
+        self.kind = artifact.kind
+        self.folder: Path | None = None  # the model folder, when loaded from one
         self.safety: Any = None  # medsig.models.safety.Safety, attached by load_predictor
 
     def _calibrated(self, probs: np.ndarray) -> np.ndarray:
         return probs if self.safety is None else self.safety.calibrate(self.heads, probs)
 
+    @property
+    def meta(self) -> dict[str, Any]:
+        """The model folder's record as a medsig.json dict."""
+        return self.artifact.to_dict()
+
     @torch.inference_mode()
     def raw_probabilities(self, pixels: torch.Tensor) -> np.ndarray:
         """Head probabilities before calibration."""
         if len(pixels) == 0:
-            return np.zeros((0, sum(int(h["size"]) for h in self.heads)), np.float32)
+            return np.zeros((0, total_outputs(self.heads)), np.float32)
         return self._forward(pixels).float().cpu().numpy()
 
     def predict_pixels(self, pixels: torch.Tensor) -> np.ndarray:
@@ -101,13 +100,11 @@ class Predictor:
         return self.encoder.embed_images(pixels).numpy()
 
     def decide(self, probs: np.ndarray) -> list[dict[str, Any]]:
-        """Per-label decisions for one image's probability row (see medsig.serve.summary)."""
-        from medsig.serve.summary import decide, heads_of
-
-        return [r.model_dump() for r in decide(heads_of(self.heads), probs)]
+        """Per-label decisions for one image's probability row (``medsig.models.heads``)."""
+        return [d.to_dict() for d in decide(self.heads, probs)]
 
     def __repr__(self) -> str:
-        labels = ", ".join(h["name"] for h in self.heads)
+        labels = ", ".join(h.name for h in self.heads)
         return f"Predictor({self.name!r}, {self.objective}, labels=[{labels}])"
 
 
@@ -120,52 +117,69 @@ def _version(folder: Path | None, meta: dict[str, Any]) -> str:
     return f"{meta.get('medsig_version', '0')}+{digest.hexdigest()[:10]}"
 
 
+def load_encoder(model: str | Path, device: str | None = None,
+                 artifact: Artifact | None = None) -> Encoder:
+    """The encoder of a model folder (any kind, also a LoRA adapter) or a hub id, with the
+    preprocessing its medsig.json records (what training used)."""
+    folder = Path(model) if Path(model).is_dir() else None
+    if artifact is None and folder is not None:
+        artifact = Artifact.find(folder)
+    if artifact is None:
+        return Encoder.load(str(model), device=device)
+    source = artifact.encoder_source(folder) if folder is not None else str(model)
+    encoder = Encoder.load(source, device=device, preprocess=artifact.preprocessing.mode)
+    if artifact.preprocessing.size is not None and artifact.preprocessing.mode != "processor":
+        encoder.preprocess = artifact.preprocessing.build(encoder.image_processor)
+        encoder.image_size = int(encoder.preprocess.size)
+    return encoder
+
+
 def load_predictor(model: str | Path, device: str | None = None, spec: str | Path | None = None,
                    labels: Sequence[str] | None = None, safe_outputs: bool = True) -> Predictor:
-    """A Predictor for a medsig output folder, or zero-shot for an image-text checkpoint;
-    ``safe_outputs``: attach the folder's calibration / conformal / OOD data when present."""
+    """A Predictor for a medsig model folder of any kind, or zero-shot for an image-text
+    checkpoint (hub id or folder) with a dataset spec. ``safe_outputs``: apply the folder's
+    calibration and attach its conformal / OOD data (``medsig.models.safety``)."""
     folder = Path(model) if Path(model).is_dir() else None
-    meta_path = folder / "medsig.json" if folder is not None else None
-    meta: dict[str, Any] = {}
-    if meta_path is not None and meta_path.is_file():
-        try:
-            meta = json.loads(meta_path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"unreadable medsig.json: {exc}", file=meta_path) from None
-    objective = meta.get("objective")
-    name = str(meta.get("name") or (folder.name if folder is not None else model))
-    version = _version(folder, meta)
-    if objective == "classify":
-        predictor = _classifier(str(model), device, meta, name, version)
-    elif objective == "probe":
-        predictor = _probe(folder, device, meta, name, version)  # type: ignore[arg-type]
+    artifact = Artifact.find(folder) if folder is not None else None
+    if artifact is None:
+        artifact = Artifact("zeroshot", base_model=str(model), adaptation="frozen",
+                            versions={})
+    name = str(artifact.name or (folder.resolve().name if folder is not None else model))
+    version = _version(folder, artifact.to_dict())
+    encoder = load_encoder(model, device, artifact if folder is not None else None)
+    if artifact.objective == "classify":
+        predictor = _classifier(encoder, artifact, name, version)
+    elif artifact.objective == "probe":
+        predictor = _probe(folder, encoder, artifact, name, version)  # type: ignore[arg-type]
     else:
-        predictor = _zeroshot(str(model), device, meta, name, version, spec, labels)
+        predictor = _zeroshot(str(model), encoder, artifact, name, version, spec, labels)
+    predictor.folder = folder.resolve() if folder is not None else None
     if safe_outputs and spec is None and labels is None:  # they belong to the saved heads
         from medsig.models.safety import load_safety
 
-        predictor.safety = load_safety(folder)
+        predictor.safety = load_safety(artifact, folder)
         if predictor.safety is not None:
             predictor.heads = predictor.safety.calibrated_heads(predictor.heads)
     return predictor
 
 
-def _classifier(model: str, device: str | None, meta: dict, name: str, version: str
-                ) -> Predictor:
-    encoder = Encoder.load(model, device=device, preprocess=meta.get("preprocess", "pad"))
-    heads = list(meta["heads"])
+def _classifier(encoder: Encoder, artifact: Artifact, name: str, version: str) -> Predictor:
+    heads = artifact.heads
+    if not hasattr(encoder.model, "classifier"):
+        raise ConfigError(f"'{name}': medsig.json says classify but the weights are not an "
+                          "image classifier")
 
     def forward(pixels: torch.Tensor) -> torch.Tensor:
         pixels = pixels.to(encoder.device, encoder.dtype)
         return head_probabilities(encoder.model(pixel_values=pixels).logits, heads)
 
-    return Predictor(name, version, meta, encoder, heads, forward)
+    return Predictor(name, version, artifact, encoder, heads, forward)
 
 
-def load_probe(folder: Path, meta: dict[str, Any]) -> ProbeNet:
+def load_probe(folder: Path, artifact: Artifact) -> ProbeNet:
     from safetensors.torch import load_file
 
-    info = meta.get("probe") or {}
+    info = artifact.probe or {}
     path = folder / PROBE_WEIGHTS
     if not path.is_file():
         raise ConfigError("the probe weights are missing", file=path)
@@ -176,14 +190,10 @@ def load_probe(folder: Path, meta: dict[str, Any]) -> ProbeNet:
     return net.eval()
 
 
-def _probe(folder: Path, device: str | None, meta: dict, name: str, version: str
+def _probe(folder: Path, encoder: Encoder, artifact: Artifact, name: str, version: str
            ) -> Predictor:
-    base = str(meta.get("encoder") or meta.get("base_model"))
-    if not Path(base).exists() and (folder / base).exists():
-        base = str(folder / base)
-    encoder = Encoder.load(base, device=device, preprocess=meta.get("preprocess", "pad"))
-    net = load_probe(folder, meta).to(encoder.device)
-    heads = list(meta["heads"])
+    net = load_probe(folder, artifact).to(encoder.device)
+    heads = artifact.heads
 
     def from_embeddings(emb: torch.Tensor) -> torch.Tensor:
         return head_probabilities(net(emb.to(encoder.device)), heads)
@@ -191,10 +201,10 @@ def _probe(folder: Path, device: str | None, meta: dict, name: str, version: str
     def forward(pixels: torch.Tensor) -> torch.Tensor:
         return from_embeddings(encoder.embed_images(pixels))
 
-    return Predictor(name, version, meta, encoder, heads, forward, from_embeddings)
+    return Predictor(name, version, artifact, encoder, heads, forward, from_embeddings)
 
 
-def _zeroshot(model: str, device: str | None, meta: dict, name: str, version: str,
+def _zeroshot(model: str, encoder: Encoder, artifact: Artifact, name: str, version: str,
               spec: str | Path | None, labels: Sequence[str] | None) -> Predictor:
     from medsig.models.zeroshot import (
         class_embeddings,
@@ -204,12 +214,11 @@ def _zeroshot(model: str, device: str | None, meta: dict, name: str, version: st
         scale_bias,
     )
 
-    encoder = Encoder.load(model, device=device, preprocess=meta.get("preprocess", "pad"))
     if encoder.tokenizer is None:
         raise ConfigError(f"'{model}' is image-only and has no medsig.json heads: train a "
                           "probe or a classifier on it first")
-    prompts: dict[str, dict[str, list[str]]] = dict(meta.get("prompts") or {})
-    heads = [dict(h) for h in meta.get("heads") or []]
+    prompts = dict(artifact.prompts)
+    heads = list(artifact.heads)
     if spec is not None or not prompts:
         if spec is None:
             raise ConfigError(f"'{model}' has no saved labels: pass a dataset spec for "
@@ -219,26 +228,19 @@ def _zeroshot(model: str, device: str | None, meta: dict, name: str, version: st
         collection = load_collection(spec)
         names = list(labels or collection.labels)
         prompts = class_prompts(collection, names)
-        heads, offset = [], 0
-        for label in names:
-            lab = collection.labels[label]
-            size = 1 if lab.kind == "binary" else len(lab.classes)
-            heads.append({"name": label, "kind": lab.kind, "classes": list(lab.classes),
-                          "offset": offset, "size": size, "thresholds": None,
-                          "threshold_rule": None})
-            offset += size
-    class_emb = {h["name"]: class_embeddings(encoder, prompts[h["name"]]) for h in heads}
+        heads = [Head.of(h.to_dict()) for h in heads_for(collection.labels[n] for n in names)]
+    class_emb = {h.name: class_embeddings(encoder, prompts[h.name]) for h in heads}
     scale, bias = scale_bias(encoder)
     sigmoid = encoder.kind == "siglip"
-    meta = {**meta, "objective": meta.get("objective", "zeroshot"), "prompts": prompts}
+    artifact = replace(artifact, heads=heads, prompts=prompts)
 
     def from_embeddings(emb: torch.Tensor) -> torch.Tensor:
-        parts = [head_outputs(h["kind"], class_probabilities(emb, class_emb[h["name"]],
-                                                             h["kind"], scale, bias, sigmoid))
+        parts = [head_outputs(h.kind, class_probabilities(emb, class_emb[h.name], h.kind,
+                                                          scale, bias, sigmoid))
                  for h in heads]
         return torch.as_tensor(np.concatenate(parts, axis=1))
 
     def forward(pixels: torch.Tensor) -> torch.Tensor:
         return from_embeddings(encoder.embed_images(pixels))
 
-    return Predictor(name, version, meta, encoder, heads, forward, from_embeddings)
+    return Predictor(name, version, artifact, encoder, heads, forward, from_embeddings)

@@ -1,14 +1,14 @@
 """A model folder's safe-output data: temperatures, conformal thresholds and the OOD gate.
 
-Stored beside ``medsig.json``: ``safety.json`` (calibration temperatures, conformal
-``alpha`` / ``qhat`` per head, OOD settings) and ``ood.safetensors`` (reference embeddings).
-Training writes them (``medsig.train.safety``); ``load_predictor`` reads them, so serving
-and evaluation use the same numbers.
+Stored through the model-folder contract (``medsig.models.artifact``): the ``calibration``
+(temperatures per head), ``conformal`` (``alpha`` / ``qhat`` per head) and ``ood`` (method,
+threshold, false-reject target) sections of ``medsig.json``, and the gate's statistics in
+``ood.safetensors``. Training writes them (``medsig.train.safety``); ``load_predictor``
+reads them, so serving and evaluation use the same numbers.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,6 @@ from medsig.models.conformal import prediction_sets
 from medsig.models.heads import Head
 from medsig.models.ood import OodGate
 
-SAFETY_FILE = "safety.json"
 OOD_FILE = "ood.safetensors"
 
 
@@ -42,16 +41,17 @@ class Safety:
             return np.asarray(probs, dtype=np.float32)
         return apply_calibration(heads, self.calibration, probs, invert=True)
 
-    def calibrated_heads(self, heads: list[Any]) -> list[Any]:
-        """medsig.json head dicts with thresholds mapped through the temperatures: the same
-        decisions on calibrated probabilities as the saved thresholds on raw ones."""
+    def calibrated_heads(self, heads: list[Any]) -> list[Head]:
+        """Heads with thresholds mapped through the temperatures: the same decisions on
+        calibrated probabilities as the saved thresholds on raw ones."""
         out = []
-        for head in heads:
-            h, temps = dict(head), self.calibration.get(head["name"])
-            if temps and h.get("kind") != "multiclass" and h.get("thresholds"):
-                h["thresholds"] = [round(float(scale_probs(np.array([t]), "binary",
-                                                           float(temp))[0]), 6)
-                                   for t, temp in zip(h["thresholds"], temps)]
+        for h in map(Head.of, heads):
+            temps = self.calibration.get(h.name)
+            if temps and h.kind != "multiclass" and h.thresholds:
+                h = h.with_thresholds([round(float(scale_probs(np.array([t]), "binary",
+                                                               float(temp))[0]), 6)
+                                       for t, temp in zip(h.thresholds, temps)],
+                                      h.threshold_rule)
             out.append(h)
         return out
 
@@ -66,34 +66,40 @@ class Safety:
         members = prediction_sets(h, entry, block)
         if h.kind == "multiclass":
             return [[c for c, m in zip(h.classes, members[0][0]) if m]]
-        states = (h.classes + ["absent", "present"][len(h.classes):])[:2] \
-            if h.kind == "binary" else ["absent", "present"]
+        states = h.states if h.kind == "binary" else ["absent", "present"]
         return [[s for s, m in zip(states, mem[0]) if m] for mem in members]
 
-    def to_json(self) -> dict[str, Any]:
-        return {"calibration": {"method": "temperature", "temperatures": self.calibration},
-                "conformal": self.conformal,
-                "ood": self.ood.info() if self.ood is not None else None,
-                "fitted_on": self.fitted_on}
-
     def save(self, folder: str | Path) -> None:
+        """Write the three sections into ``folder/medsig.json`` (+ ``ood.safetensors``)."""
+        from medsig.models.artifact import Artifact
+
         folder = Path(folder)
+        art = Artifact.load(folder)
+        art.calibration = {"method": "temperature", "temperatures": self.calibration,
+                           "fitted_on": self.fitted_on}
+        art.conformal = {"score": "1 - probability of the true state / class",
+                         "heads": self.conformal}
+        art.ood = None
         if self.ood is not None:
             self.ood.save(folder / OOD_FILE)
-        (folder / SAFETY_FILE).write_text(json.dumps(self.to_json(), indent=2) + "\n")
+            art.ood = {**self.ood.info(), "file": OOD_FILE}
+        art.save(folder)
 
 
-def load_safety(folder: str | Path | None) -> Safety | None:
-    """The folder's safety data, or None when it has none (an older model)."""
-    if folder is None or not (Path(folder) / SAFETY_FILE).is_file():
+def load_safety(artifact: Any, folder: str | Path | None) -> Safety | None:
+    """The folder's safety data from its Artifact, or None when it has none."""
+    if artifact is None or folder is None or not (artifact.calibration or artifact.conformal
+                                                  or artifact.ood):
         return None
-    path = Path(folder) / SAFETY_FILE
     try:
-        raw = json.loads(path.read_text())
+        cal = artifact.calibration or {}
         temps = {str(k): [float(t) for t in v]
-                 for k, v in (raw.get("calibration") or {}).get("temperatures", {}).items()}
-        conformal = dict(raw.get("conformal") or {})
-    except (OSError, ValueError, TypeError, AttributeError) as exc:
-        raise ConfigError(f"unreadable safety data: {str(exc)[:120]}", file=path) from None
-    ood = OodGate.load(Path(folder) / OOD_FILE) if raw.get("ood") else None
-    return Safety(temps, conformal, ood, dict(raw.get("fitted_on") or {}))
+                 for k, v in (cal.get("temperatures") or {}).items()}
+        conformal = dict((artifact.conformal or {}).get("heads") or {})
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise ConfigError(f"medsig.json: unreadable calibration / conformal section: "
+                          f"{str(exc)[:120]}", file=Path(folder) / "medsig.json") from None
+    ood = None
+    if artifact.ood:
+        ood = OodGate.load(Path(folder) / str(artifact.ood.get("file") or OOD_FILE))
+    return Safety(temps, conformal, ood, dict(cal.get("fitted_on") or {}))

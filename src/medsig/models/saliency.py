@@ -43,7 +43,7 @@ def score_function(predictor: Any) -> Callable[[torch.Tensor], torch.Tensor] | N
     objective = getattr(predictor, "objective", "")
     heads = predictor.heads
     if objective == "classify":
-        from medsig.models.predictor import head_probabilities
+        from medsig.models.heads import head_probabilities
 
         return lambda px: head_probabilities(
             enc.model(pixel_values=px.to(enc.device, enc.dtype)).logits, heads)

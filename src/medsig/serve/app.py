@@ -29,7 +29,7 @@ from medsig.serve import safe
 from medsig.serve import schemas as S
 from medsig.serve.security import ApiError, Upload, api_key_dependency, read_upload, sniff_image
 from medsig.serve.state import ServeSettings, ServeState, load_state, resolve_image, scrub_paths
-from medsig.serve.summary import decide, summarize
+from medsig.serve.summary import label_results, summarize
 
 log = logging.getLogger("medsig.serve")
 STATIC = Path(__file__).parent / "static"
@@ -187,7 +187,7 @@ async def assess(state: ServeState, data: bytes, explain: bool = False) -> S.Pre
     row = np.asarray(row)
     probs = row[:-1]
     ood = safe.ood_result(predictor, float(row[-1]), blank)
-    results = safe.with_sets(predictor, state.heads, decide(state.heads, probs), probs)
+    results = safe.with_sets(predictor, state.heads, label_results(state.heads, probs), probs)
     status = safe.status_of(results, ood)
     if status == "not_assessed":
         results, summary = [], safe.not_assessed_summary(state.model.name, state.model.version,

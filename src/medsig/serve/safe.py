@@ -14,6 +14,7 @@ import numpy as np
 
 from medsig.models.ood import NOT_ASSESSED
 from medsig.serve.schemas import HeadInfo, LabelResult, OodInfo, OodResult
+from medsig.serve.summary import head_info
 
 UNCERTAIN = "uncertain — needs review"
 
@@ -94,7 +95,7 @@ def head_infos(predictor: Any, heads: Sequence[Any]) -> list[HeadInfo]:
     safety = getattr(predictor, "safety", None)
     out = []
     for h in heads:
-        info = h.info()
+        info = head_info(h)
         if safety is not None:
             conf = safety.conformal.get(h.name) or {}
             info = info.model_copy(update={

@@ -37,11 +37,14 @@ class LabelResult(_Model):
     name: str
     kind: Literal["binary", "multiclass", "multilabel"]
     classes: list[str] = Field(description="Binary: [negative state, positive state].")
-    probability: float = Field(
-        description="Binary: P(positive state); multiclass: P(decided class); "
-                    "multilabel: highest class probability.")
-    threshold: float | None = Field(description="Binary: the saved threshold; else null.")
     decision: str = Field(description="Readable decision, e.g. `needs attention`.")
+    probability: float = Field(
+        description="The probability of the state named in `probability_of`: binary "
+                    "P(positive state) whatever the decision; multiclass P(decided class); "
+                    "multilabel the highest class probability.")
+    probability_of: str = Field(description="The state / class `probability` is for.")
+    threshold: float | None = Field(description="Binary: the saved threshold on "
+                                                "P(positive state); else null.")
     present: list[str] = Field(description="Decided class(es); empty when none.")
     scores: list[ClassScore] = Field(
         description="One bar per output: binary 1, multiclass / multilabel one per class.")

@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from medsig.errors import ConfigError
+from medsig.models.heads import Head, heads_of
 from medsig.serve.batching import MicroBatcher, as_list, model_executor, stack_tensors
 from medsig.serve.schemas import ModelInfo
-from medsig.serve.summary import Head, heads_of
 
 
 @dataclass
@@ -151,9 +151,11 @@ def _image_root(explicit: Path | None, meta: dict[str, Any], predictor: Any) -> 
     root = meta.get("image_root")
     if root and Path(root).is_dir():
         return Path(root).resolve()
-    spec_info = (getattr(predictor, "meta", None) or {}).get("spec") or {}
-    path = spec_info.get("path")
-    if path and Path(path).is_file() and spec_info.get("name") == meta.get("spec"):
+    artifact, folder = getattr(predictor, "artifact", None), getattr(predictor, "folder", None)
+    if artifact is None or folder is None or artifact.spec.name != meta.get("spec"):
+        return None
+    path = artifact.spec_path(folder)
+    if path is not None:
         from medsig.spec import DatasetSpec
 
         try:

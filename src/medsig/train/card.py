@@ -1,17 +1,44 @@
-"""README.md model card for a training output folder (from its medsig.json)."""
+"""README.md model card of a model folder, from its ``Artifact`` (huggingface_hub ModelCard).
+
+The metadata follows the folder's kind: ``library_name`` transformers (classifier, full /
+partial / merged image-text model), peft (LoRA adapter) or medsig (probe: torch weights read
+by medsig), ``base_model`` as a hub id (omitted when the base is a local folder),
+``pipeline_tag``, ``metrics`` and ``datasets``. No local absolute path is written.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+from medsig.models.artifact import Artifact
+
 OBJECTIVE_TEXT = {
-    "contrastive": "image-text contrastive fine-tuning (the model stays an image-text model: "
-                   "`AutoModel.from_pretrained` loads it; zero-shot labels via the prompts)",
+    "contrastive": "image-text contrastive fine-tuning (the model stays an image-text model; "
+                   "zero-shot labels via the saved prompts)",
     "classify": "supervised classification heads on the vision tower "
                 "(`AutoModelForImageClassification.from_pretrained` loads it)",
-    "probe": "a probe on frozen image embeddings",
+    "probe": "a probe (logistic regression or small MLP) on frozen image embeddings",
+    "zeroshot": "zero-shot labels from prompts",
 }
+LIBRARY = {"classify": "transformers", "probe": "medsig", "lora-adapter": "peft"}
+PIPELINE = {"classify": "image-classification", "probe": "image-classification"}
+
+
+def card_metadata(art: Artifact) -> dict[str, Any]:
+    """The card's YAML metadata for a folder kind."""
+    from huggingface_hub import ModelCardData
+
+    kind = art.kind
+    metrics = ["roc_auc"] if art.heads and art.objective != "contrastive" else []
+    if art.objective == "contrastive":
+        metrics = ["recall"]
+    data = ModelCardData(
+        library_name=LIBRARY.get(kind, "transformers"), base_model=art.base_hub_id,
+        pipeline_tag=PIPELINE.get(kind, "zero-shot-image-classification"),
+        metrics=metrics or None, datasets=[art.spec.name] if art.spec.name else None,
+        tags=["medsig", "medical-imaging", kind])
+    return data.to_dict()
 
 
 def _fmt(value: Any) -> str:
@@ -27,54 +54,109 @@ def _metrics_table(metrics: dict[str, Any]) -> list[str]:
                                                             k.startswith("val/")]
     if not keys:
         return ["No validation metrics were recorded."]
+    if not start:
+        return ["| metric | value |", "|---|---|"] + [f"| {k} | {_fmt(final.get(k))} |"
+                                                     for k in keys]
     lines = ["| metric | before training | selected checkpoint |", "|---|---|---|"]
     lines += [f"| {k} | {_fmt(start.get(k))} | {_fmt(final.get(k))} |" for k in keys]
     return lines
 
 
-def render_card(info: dict[str, Any]) -> str:
-    cfg = info.get("config", {})
-    optim, adapt = cfg.get("optim", {}), cfg.get("adapt", {})
-    training = info.get("training", {})
-    best = info.get("metrics", {}).get("best", {})
-    name = Path(str(cfg.get("out", "model"))).name
-    heads = info.get("heads") or []
-    lines = [
-        "---", "library_name: transformers", "tags: [medsig, medical-imaging, "
-        f"{info.get('objective')}]", f"base_model: {info.get('base_model')}", "---", "",
-        f"# {name}", "",
-        f"Fine-tuned from `{info.get('base_model')}` with medsig "
-        f"{info.get('medsig_version')}: {OBJECTIVE_TEXT.get(info.get('objective', ''), '')}.",
-        "", "## Data", "",
-        f"- Collection: **{info['spec']['name']}** (spec `{info['spec']['path']}`, "
-        f"fingerprint `{info['spec']['fingerprint'][:16]}`)",
-        f"- Split (by group; fingerprint `{info['split']['fingerprint'][:16]}`): "
-        + ", ".join(f"{k} {v}" for k, v in info["split"]["counts"].items()),
-        f"- Labels: {', '.join(info.get('labels') or []) or 'none'}",
-    ]
-    if heads:
-        lines += ["", "| head | kind | outputs | thresholds | rule |", "|---|---|---|---|---|"]
-        for h in heads:
-            th = h.get("thresholds")
-            th_text = ", ".join(f"{t:.3f}" for t in th) if th else "-"
-            lines.append(f"| {h['name']} | {h['kind']} | {h['size']} | {th_text} | "
-                         f"{h.get('threshold_rule') or '-'} |")
-    lines += [
-        "", "## Training settings", "",
-        f"- Adaptation: {adapt.get('method')} ({training.get('adapt', {}).get('trainable')} "
-        f"of {training.get('adapt', {}).get('total')} parameters trained)",
+def _heads_table(art: Artifact) -> list[str]:
+    if not art.heads:
+        return []
+    lines = ["", "| head | kind | classes (binary: negative, positive) | thresholds | rule |",
+             "|---|---|---|---|---|"]
+    for h in art.heads:
+        th = ", ".join(f"{t:.3f}" for t in h.thresholds) if h.kind != "multiclass" else "argmax"
+        lines.append(f"| {h.name} | {h.kind} | {', '.join(h.classes)} | {th} | "
+                     f"{h.threshold_rule or '-'} |")
+    return lines
+
+
+def _settings(art: Artifact) -> list[str]:
+    cfg, training = art.config, art.training
+    pre = art.preprocessing
+    image = (f"- Images: {'zero-padded to a square, then ' if pre.mode == 'pad' else ''}"
+             f"resized to {pre.size} x {pre.size}, mean {pre.mean}, std {pre.std}")
+    if art.objective == "probe":
+        probe = art.probe or {}
+        return [f"- Probe: {probe.get('kind')} on {probe.get('dim')}-d embeddings of the "
+                f"frozen encoder `{art.encoder}`"
+                + (f", C per head {probe.get('C')}" if probe.get("C") else "")
+                + (f", hidden {probe.get('hidden')}, best epoch {probe.get('best_epoch')}"
+                   if probe.get("hidden") else ""),
+                f"- Fitted on {training.get('device')} in {training.get('seconds')} s, seed "
+                f"{cfg.get('seed')}", image]
+    optim, adapt = cfg.get("optim", {}), training.get("adapt", {})
+    best = art.metrics.get("best", {})
+    return [
+        f"- Adaptation: {art.adaptation} ({_fmt(adapt.get('trainable'))} of "
+        f"{_fmt(adapt.get('total'))} parameters trained)",
         f"- Steps: {training.get('steps')} (planned {training.get('planned_steps')}), "
         f"epochs {optim.get('epochs')}, batch {optim.get('batch_size')} x accumulation "
         f"{optim.get('grad_accum')}, lr {optim.get('lr')}, weight decay "
         f"{optim.get('weight_decay')}, warm-up {optim.get('warmup_ratio')}",
         f"- Precision {training.get('precision')} on {training.get('device')}, seed "
         f"{cfg.get('seed')}, {training.get('seconds')} s"
-        + (", stopped early" if training.get("stopped_early") else ""),
-        f"- Image size {info.get('image_size')}, preprocessing `{info.get('preprocess')}`",
-        "", "## Results (validation split)", "",
-        f"Checkpoint selected by `{best.get('metric')}` ({best.get('mode')}) at step "
-        f"{_fmt(best.get('step'))}.", "",
-        *_metrics_table(info.get("metrics", {})),
+        + (", stopped early" if training.get("stopped_early") else ""), image,
+        f"- Checkpoint selected by `{best.get('metric')}` ({best.get('mode')}) at step "
+        f"{_fmt(best.get('step'))}"]
+
+
+def usage(art: Artifact) -> list[str]:
+    """The few lines of plain transformers / peft / medsig code that load the folder."""
+    if art.objective == "classify":
+        return ["```python", "import json, torch", "from PIL import Image",
+                "from transformers import AutoImageProcessor, AutoModelForImageClassification",
+                "", 'folder = "path/to/this/folder"',
+                "processor = AutoImageProcessor.from_pretrained(folder)  # pads to square "
+                "as medsig did", "model = AutoModelForImageClassification.from_pretrained("
+                "folder).eval()", 'heads = json.load(open(f"{folder}/medsig.json"))["heads"]',
+                'pixels = processor(images=Image.open("image.png"), return_tensors="pt")',
+                "with torch.no_grad():", "    logits = model(**pixels).logits[0]",
+                "for h in heads:", '    z = logits[h["offset"]:h["offset"] + h["size"]]',
+                '    if h["kind"] == "multiclass":  # softmax over the slice, argmax decides',
+                "        p = z.softmax(-1)",
+                '        print(h["name"], h["classes"][int(p.argmax())], p.tolist())',
+                "    else:  # binary / multilabel: a sigmoid per output, the saved thresholds",
+                "        p = z.sigmoid().tolist()",
+                '        names = h["classes"][1:] if h["kind"] == "binary" else h["classes"]',
+                '        print(h["name"], {n: (round(q, 3), q >= t) for n, q, t in '
+                'zip(names, p, h["thresholds"])})', "```",
+                "", "Do not use `pipeline(\"image-classification\")` scores directly: it "
+                "applies one activation to every output (sigmoid here) and ignores the "
+                "thresholds."]
+    if art.kind == "lora-adapter":
+        return ["```python", "from peft import AutoPeftModel",
+                'model = AutoPeftModel.from_pretrained("path/to/this/folder")  # base from '
+                "adapter_config.json", "model = model.merge_and_unload()", "```"]
+    if art.objective == "probe":
+        return ["```python", "from medsig.models.predictor import load_predictor",
+                'predictor = load_predictor("path/to/this/folder")', "```",
+                "", "`probe.safetensors` holds the probe (standardisation + linear / MLP); "
+                "its encoder is `" + art.encoder + "` (relative to this folder, or a hub id)."]
+    return ["```python", "from transformers import AutoModel, AutoProcessor",
+            'model = AutoModel.from_pretrained("path/to/this/folder")', "```"]
+
+
+def render_card(art: Artifact, name: str = "model") -> str:
+    from huggingface_hub import ModelCard, ModelCardData
+
+    data = ModelCardData(**card_metadata(art))
+    base = art.base_hub_id or "a local checkpoint"
+    splits = ", ".join(f"{k} {v}" for k, v in art.split.counts.items())
+    lines = [
+        f"# {name}", "",
+        f"Trained from {base} with medsig {art.versions.get('medsig')}: "
+        f"{OBJECTIVE_TEXT.get(art.objective, '')}. Folder kind: `{art.kind}`.", "",
+        "## Data", "",
+        f"- Collection: **{art.spec.name}** (fingerprint `{(art.spec.fingerprint or '')[:16]}`)",
+        f"- Split (by group; fingerprint `{(art.split.fingerprint or '')[:16]}`): {splits}",
+        f"- Labels: {', '.join(art.labels) or 'none'}", *_heads_table(art),
+        "", "## Use", "", *usage(art),
+        "", "## Training settings", "", *_settings(art),
+        "", "## Results (validation split)", "", *_metrics_table(art.metrics),
         "", "## Intended use and limitations", "",
         "Research and engineering use: retrieval, triage prototypes and evaluation of "
         "adaptation methods on medical images. This model is **not** a medical device and "
@@ -82,13 +164,13 @@ def render_card(info: dict[str, Any]) -> str:
         "Validation numbers come from the split above only; performance on other sites, "
         "devices, populations or skin types is unknown until measured. Thresholds were "
         "chosen on the validation split and should be re-checked on held-out test data.",
-        "", "Full configuration: `config.yaml`; per-step log: `log.csv`; TensorBoard: "
-        "`tensorboard/`.", "",
-    ]
-    return "\n".join(lines)
+        "", "Record of this folder: `medsig.json`"
+        + ("; configuration `config.yaml`; per-step log `log.csv`."
+           if art.history else "."), ""]
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)))
 
 
-def write_card(out_dir: str | Path, info: dict[str, Any]) -> Path:
+def write_card(out_dir: str | Path, art: Artifact) -> Path:
     path = Path(out_dir) / "README.md"
-    path.write_text(render_card(info))
+    path.write_text(render_card(art, Path(out_dir).resolve().name))
     return path

@@ -20,7 +20,7 @@ from medsig.data.collection import Collection
 from medsig.errors import ConfigError
 from medsig.metrics.classification import roc_auc
 from medsig.models.encoder import resolve_cached
-from medsig.models.heads import Head
+from medsig.models.heads import Head, heads_for
 from medsig.train.adapt import adapt_model, export_model
 from medsig.train.config import TrainConfig
 from medsig.train.data import Batch, TrainData, step_batches
@@ -28,15 +28,11 @@ from medsig.train.losses import masked_bce_loss, pos_weight_from_targets
 
 
 def build_heads(collection: Collection, labels: list[str]) -> list[Head]:
-    heads, offset = [], 0
+    """The heads of ``labels`` (one after another), ConfigError for a label without class."""
     for name in labels:
-        lab = collection.labels[name]
-        size = 1 if lab.kind == "binary" else len(lab.classes)
-        if size == 0:
+        if not collection.labels[name].classes:
             raise ConfigError(f"label '{name}' has no class to classify")
-        heads.append(Head(name, lab.kind, list(lab.classes), offset, size))
-        offset += size
-    return heads
+    return heads_for(collection.labels[name] for name in labels)
 
 
 def bce_targets(collection: Collection, heads: list[Head]) -> tuple[np.ndarray, list[int]]:
@@ -85,9 +81,8 @@ class ClassifyObjective:
     name = "classify"
 
     def __init__(self, cfg: TrainConfig, data: TrainData, accelerator: Any) -> None:
-        from transformers import AutoImageProcessor
-
         from medsig.data.transforms import Preprocess
+        from medsig.models.encoder import load_image_processor
 
         if not data.labels:
             raise ConfigError("objective 'classify' needs labels; the spec defines none",
@@ -103,7 +98,7 @@ class ClassifyObjective:
             raise ConfigError(f"eval.thresholds: {', '.join(unknown)} is not a trained label "
                               f"(labels: {', '.join(data.labels)})")
         try:
-            self.processor = AutoImageProcessor.from_pretrained(resolve_cached(cfg.model))
+            self.processor = load_image_processor(resolve_cached(cfg.model))
         except (OSError, ValueError) as exc:
             raise ConfigError(f"no image processor for '{cfg.model}': "
                               f"{str(exc).splitlines()[0]}") from None
@@ -239,8 +234,13 @@ class ClassifyObjective:
 
     def save(self, out_dir: Path, val_batches: Iterable[Batch]) -> dict[str, Any]:
         heads = self.thresholds(val_batches)
+        from medsig.models.artifact import Preprocessing, write_image_processor
+
         export_model(self.model, out_dir, merge=True)
-        self.processor.save_pretrained(out_dir)
+        if self.preprocess.mode == "processor":
+            self.processor.save_pretrained(out_dir)
+        else:  # plain transformers reproduces medsig's pad / resize exactly
+            write_image_processor(out_dir, Preprocessing.of(self.preprocess))
         return {"heads": heads, "prompts": {}, "image_size": self.image_size}
 
 

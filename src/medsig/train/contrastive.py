@@ -21,6 +21,7 @@ from medsig.data.collection import Collection
 from medsig.errors import ConfigError, DataError
 from medsig.metrics.clustering import clustering_metrics
 from medsig.metrics.retrieval import retrieval_ranks, summarize_ranks
+from medsig.models.heads import heads_for
 from medsig.models.zeroshot import class_prompts
 from medsig.train.adapt import adapt_model, export_model
 from medsig.train.config import TrainConfig
@@ -239,14 +240,8 @@ class ContrastiveObjective:
         export_model(self.model, out_dir, merge=lora.merge, base_name=self.cfg.model)
         self.encoder.tokenizer.save_pretrained(out_dir)
         self.encoder.image_processor.save_pretrained(out_dir)
-        heads, offset = [], 0
-        for name in self.data.labels:
-            lab = self.data.collection.labels[name]
-            size = 1 if lab.kind == "binary" else len(lab.classes)
-            heads.append({"name": name, "kind": lab.kind, "classes": list(lab.classes),
-                          "offset": offset, "size": size, "thresholds": None,
-                          "threshold_rule": None})
-            offset += size
+        labels = self.data.collection.labels
+        heads = heads_for(labels[name] for name in self.data.labels)
         return {"heads": heads, "prompts": class_prompts(self.data.collection, self.data.labels),
                 "image_size": self.image_size}
 

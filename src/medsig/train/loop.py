@@ -9,7 +9,6 @@ CSV + TensorBoard logs, and the output folder of the "Training outputs" contract
 from __future__ import annotations
 
 import csv
-import json
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -35,8 +34,6 @@ from medsig.train.data import (
     loader_workers,
     micro_batches,
     seed_of,
-    spec_fingerprint,
-    split_fingerprint,
     training_threads,
 )
 
@@ -416,8 +413,7 @@ def _finish(cfg: TrainConfig, data: TrainData, objective: Objective, accelerator
             state: dict[str, Any], val_batches: Callable[[], Iterable[Batch]], best: Path,
             out: Path, seconds: float, total: int) -> Path:
     """Load the best weights, save the model, medsig.json and the model card."""
-    from medsig import __version__
-    from medsig.train.card import write_card
+    from medsig.train.output import build_artifact, write_outputs
 
     if (best / ckpt.WEIGHTS).is_file():
         ckpt.load_weights(best, objective.model)
@@ -425,56 +421,26 @@ def _finish(cfg: TrainConfig, data: TrainData, objective: Objective, accelerator
     if not accelerator.is_main_process:
         return out
     extras = objective.save(out, val_batches())
-    spec = data.collection.spec
-    info = {
-        "medsig_version": __version__, "objective": cfg.objective, "base_model": cfg.model,
-        "encoder": ".", "preprocess": cfg.preprocess, "image_size": extras["image_size"],
-        "spec": {"name": spec.name, "path": str(spec.path),
-                 "fingerprint": spec_fingerprint(data.collection)},
-        "split": {"fingerprint": split_fingerprint(data.collection), "counts": data.counts},
-        "labels": data.labels, "heads": extras["heads"], "prompts": extras["prompts"],
-        "config": cfg.to_dict(),
-        "metrics": {"start": state["start_metrics"], "val": state["best_metrics"],
-                    "last": state["last_metrics"],
-                    "best": {"metric": cfg.metric, "mode": cfg.mode, "value": state["best"],
-                             "step": (state["best_metrics"] or {}).get("step")}},
-        "training": {"steps": state["step"], "planned_steps": total,
-                     "stopped_early": state["stopped_early"], "seconds": round(seconds, 2),
-                     "precision": {"no": "fp32"}.get(str(accelerator.mixed_precision),
-                                                     str(accelerator.mixed_precision)),
-                     "device": str(accelerator.device), "skipped_images": state["skipped"],
-                     "adapt": objective.report.to_dict()},
-        "history": "log.csv",
-    }
-    text = json.dumps(_clean(info), indent=2, default=_json_default, allow_nan=False)
-    (out / "medsig.json").write_text(text + "\n")
-    write_card(out, info)
-    if cfg.eval.safe_outputs and info["heads"]:  # medsig.train.safety
+    metrics = {"start": state["start_metrics"], "val": state["best_metrics"],
+               "last": state["last_metrics"],
+               "best": {"metric": cfg.metric, "mode": cfg.mode, "value": state["best"],
+                        "step": (state["best_metrics"] or {}).get("step")}}
+    training = {"steps": state["step"], "planned_steps": total,
+                "stopped_early": state["stopped_early"], "seconds": round(seconds, 2),
+                "precision": {"no": "fp32"}.get(str(accelerator.mixed_precision),
+                                                str(accelerator.mixed_precision)),
+                "device": str(accelerator.device), "skipped_images": state["skipped"],
+                "adapt": objective.report.to_dict()}
+    write_outputs(out, build_artifact(cfg, out, data.collection, data.counts, extras["heads"],
+                                      objective.preprocess, prompts=extras["prompts"],
+                                      metrics=metrics, training=training))
+    if cfg.eval.safe_outputs and extras["heads"]:  # medsig.train.safety
         from medsig.train.safety import fit_safety
 
         fit_safety(out, cfg.spec, cfg.eval.alpha, cfg.eval.ood_false_reject, cfg.seed,
                    cfg.optim.batch_size, str(accelerator.device))
     _say(accelerator, f"saved {out} ({state['step']} steps, {seconds:.1f} s)")
     return out
-
-
-def _clean(value: Any) -> Any:
-    """NaN / inf -> None (strict JSON), recursively."""
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    if isinstance(value, (float, np.floating)) and not math.isfinite(float(value)):
-        return None
-    return value
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
 __all__ = ["MedsigError", "Objective", "make_accelerator", "reset_accelerate",

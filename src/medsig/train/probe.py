@@ -9,7 +9,6 @@ and a model card. ``load_predictor(OUT)`` serves it.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -19,8 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from medsig.errors import ConfigError
-from medsig.models.heads import Head
-from medsig.models.predictor import PROBE_WEIGHTS, ProbeNet, head_probabilities
+from medsig.models.heads import Head, head_probabilities
+from medsig.models.predictor import PROBE_WEIGHTS, ProbeNet
 from medsig.train.classify import _auc, build_heads
 from medsig.train.config import TrainConfig, load_config
 
@@ -243,7 +242,7 @@ def train_probe(config: TrainConfig | dict | str | Path, model: str | Path | Non
     net.std.copy_(torch.as_tensor(std, dtype=torch.float32))
     with torch.no_grad():
         probs_v = head_probabilities(net(torch.as_tensor(xv, dtype=torch.float32)),
-                                     [h.to_dict() for h in heads]).numpy()
+                                     heads).numpy()
     head_info = _thresholds(heads, val, probs_v, cfg.eval.thresholds)
     metrics = head_aucs(heads, val, probs_v)
     _save(cfg, out_dir, net, estimators, mean, std, info, head_info, metrics, collection,
@@ -308,9 +307,8 @@ def _save(cfg: TrainConfig, out: Path, net: ProbeNet, estimators: Any, mean: np.
           counts: dict[str, int]) -> None:
     from safetensors.torch import save_file
 
-    from medsig import __version__
-    from medsig.train.card import write_card
-    from medsig.train.data import spec_fingerprint, split_fingerprint
+    from medsig.models.artifact import reference
+    from medsig.train.output import build_artifact, write_outputs
 
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(out / PROBE_WEIGHTS))
@@ -319,19 +317,9 @@ def _save(cfg: TrainConfig, out: Path, net: ProbeNet, estimators: Any, mean: np.
 
         joblib.dump({"mean": mean, "std": std, "heads": heads, "estimators": estimators},
                     out / "probe.joblib")
-    base = str(Path(cfg.model).resolve()) if Path(cfg.model).exists() else cfg.model
-    spec = collection.spec
-    meta = {
-        "medsig_version": __version__, "objective": "probe", "base_model": base,
-        "encoder": base, "preprocess": cfg.preprocess, "image_size": encoder.image_size,
-        "spec": {"name": spec.name, "path": str(spec.path),
-                 "fingerprint": spec_fingerprint(collection)},
-        "split": {"fingerprint": split_fingerprint(collection), "counts": counts,
-                  "note": split_note},
-        "labels": [h["name"] for h in heads], "heads": heads, "prompts": {}, "probe": info,
-        "config": cfg.to_dict(), "metrics": {"val": metrics},
-        "training": {"seconds": round(seconds, 2), "skipped_images": skipped,
-                     "device": str(encoder.device)},
-    }
-    (out / "medsig.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
-    write_card(out, meta)
+    training = {"seconds": round(seconds, 2), "skipped_images": skipped,
+                "device": str(encoder.device)}
+    write_outputs(out, build_artifact(cfg, out, collection, counts, heads, encoder.preprocess,
+                                      metrics={"val": metrics}, training=training, probe=info,
+                                      split_note=split_note,
+                                      encoder=reference(cfg.model, out)))

@@ -58,8 +58,7 @@ def fit_safety(folder: str | Path, spec: str | Path | None = None,
 
     folder = Path(folder)
     predictor = load_predictor(folder, device=device, safe_outputs=False)  # raw outputs
-    meta = predictor.meta
-    spec = spec or (meta.get("spec") or {}).get("path")
+    spec = spec or predictor.artifact.spec_path(folder)
     if not spec or not Path(spec).is_file():
         raise ConfigError("the model's dataset spec is not found: pass --spec", file=folder)
     collection = load_collection(spec)
