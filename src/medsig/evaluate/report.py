@@ -351,6 +351,9 @@ def build_blocks(metrics: dict[str, Any], figures: bool = True) -> list[Block]:
             blocks += [("h", 2, title), *_per_label_table(metrics, task, keys)]
     if "retrieval" in metrics:
         blocks += retrieval_section(metrics)
+    from medsig.evaluate.safety import report_blocks
+
+    blocks += report_blocks(metrics, figures)  # calibration, conformal, OOD
     blocks += subgroup_section(metrics)
     blocks += leakage_section(metrics)
     if figures:

@@ -24,6 +24,7 @@ from medsig.data.duplicates import DEFAULT_THRESHOLD, cross_split_duplicates
 from medsig.errors import ConfigError, DataError
 from medsig.evaluate.bootstrap import bootstrap_ci, paired_bootstrap
 from medsig.evaluate.leakage import leakage_report
+from medsig.evaluate.safety import safe_outputs
 from medsig.evaluate.tasks import (
     Headlines,
     ModelOutputs,
@@ -112,12 +113,20 @@ def compute_outputs(path: str, col: Collection, batch_size: int = 64, device: st
         res.zeroshot, class_text = zeroshot_all(encoder, col.subset(rows), res.image)
         main = main_label(col)
         res.class_text = class_text[main] if main is not None else None
+    if predictor is not None and getattr(predictor.safety, "ood", None) is not None:
+        from medsig.evaluate.safety import outlier_scores
+
+        ood_outliers = outlier_scores(predictor)  # medsig.evaluate.safety
+    else:
+        ood_outliers = None
     res.info = {"kind": encoder.kind, "objective": art.objective if art else None,
                 "folder_kind": art.kind if art else None,
                 "heads": [h.to_dict() for h in predictor.heads] if predictor is not None
                 else [],
                 "embed_dim": int(image.shape[1]), "skipped_images": dict(skipped),
                 "embed_seconds": round(time.perf_counter() - start, 3)}
+    if ood_outliers is not None:
+        res.info["ood_outliers"] = ood_outliers
     return res
 
 
@@ -397,6 +406,7 @@ def evaluate(spec: str | Path, models: dict[str, str], tasks: Sequence[str] = TA
     roc: dict[str, Any] = {"classification": {}, "zeroshot": {}}
     curves: dict[str, Any] = {"roc": roc, "recall_at_k": {}}
     results: dict[str, Any] = {t: {} for t in tasks}
+    safe: dict[str, Any] = {}
     for m, o in outputs.items():
         if "classification" in tasks:
             results["classification"][m] = classification(col, o, hl, m, roc["classification"])
@@ -407,6 +417,8 @@ def evaluate(spec: str | Path, models: dict[str, str], tasks: Sequence[str] = TA
                                                 batchwise_size, seed)
         if "clustering" in tasks:
             results["clustering"][m] = clustering(col, o, hl, m, seed)
+        if "classification" in tasks:  # calibration, conformal, OOD (evaluate/safety.py)
+            safe[m] = safe_outputs(col, o, models[m])
     headline, paired, winners = validity(hl, list(models), col.groups, n_boot, seed)
     curves["tsne"] = _tsne(col, outputs, seed)
     metrics = clean({
@@ -418,7 +430,8 @@ def evaluate(spec: str | Path, models: dict[str, str], tasks: Sequence[str] = TA
                                                   if k != "heads"}}
                    for m, o in outputs.items()},
         "leakage": leakage, **results, "headline": headline, "paired": paired,
-        "winners": winners, "subgroups": subgroup_tables(col, list(subgroups or []), hl),
+        "winners": winners, "safe_outputs": safe,
+        "subgroups": subgroup_tables(col, list(subgroups or []), hl),
         "curves": curves, "seconds": round(time.perf_counter() - started, 2),
     })
     if out_dir is not None:
