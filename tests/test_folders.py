@@ -168,7 +168,7 @@ def test_plain_transformers_reproduces_the_classifier_on_a_non_square_image(env)
     rng = np.random.default_rng(0)
     image = Image.fromarray((rng.random((128, 256, 3)) * 255).astype(np.uint8))
     predictor = load_predictor(folder)
-    ours = predictor.predict_pixels(predictor.preprocess(image)[None])[0]
+    ours = predictor.raw_probabilities(predictor.preprocess(image)[None])[0]  # before temperatures
     processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
     model = AutoModelForImageClassification.from_pretrained(folder).eval()
     with torch.no_grad():

@@ -84,7 +84,6 @@ def fit_safety(folder: str | Path, spec: str | Path | None = None,
     calibrated = Safety(calibration=temps).calibrate(heads, val_probs)
     safety = Safety(temps, fit_conformal(heads, targets, calibrated, alpha),
                     fit_ood(train_emb, val_emb, false_reject, seed=seed),
-                    {"spec": str(spec), "n_train": int(len(train_emb)),
-                     "n_val": int(len(val_emb))})
+                    {"n_train": int(len(train_emb)), "n_val": int(len(val_emb))})
     safety.save(folder)
     return safety
