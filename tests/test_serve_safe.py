@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import time
 from io import BytesIO
 from pathlib import Path
 
@@ -167,3 +168,45 @@ def test_grad_cam_mass_falls_on_the_lesion_more_than_a_random_map(tmp_path) -> N
         base.append(mass_inside(rng.random(cam.shape), mask))
     print(f"Grad-CAM mass inside the lesion {np.mean(inside):.3f} vs random {np.mean(base):.3f}")
     assert np.mean(inside) >= 2 * np.mean(base)
+
+
+def test_web_page_shows_refusal_states_and_saliency(tmp_path_factory, tmp_path) -> None:
+    from selenium.webdriver.common.by import By
+
+    from medsig.serve import ServeSettings, create_app
+    from tests.browser import browser, severe_logs
+    from tests.test_serve import LiveServer
+    from tests.test_serve_web import _wait
+
+    env = serve_env(tmp_path_factory)
+    driver = browser("1100,1400")
+    server = LiveServer(create_app(env.predictor, settings=ServeSettings(api_key=None)))
+    try:
+        gate = env.predictor.safety.ood
+        scores = gate.score(np.concatenate([env.predictor.embed(env.predictor.preprocess(
+            Image.open(p).convert("RGB"))[None]) for p in env.images[:10]]))
+        photo = env.images[int(np.argmin(scores))]  # clearly in distribution
+        driver.get(server.url + "/")
+        _wait(driver, "#status")
+        driver.find_element(By.ID, "explain").click()
+        driver.find_element(By.ID, "file").send_keys(str(photo))
+        cards = _wait(driver, "#labels .label", count=len(env.predictor.heads))
+        _wait(driver, "#labels img.saliency", count=len(cards))
+        loaded = driver.execute_script(
+            "return [...document.querySelectorAll('#labels img.saliency')]"
+            ".filter(i => i.complete && i.naturalWidth === 64).length")
+        assert loaded == len(cards)
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#labels .conformal")) == len(cards)
+        time.sleep(0.3)
+        driver.save_screenshot("/tmp/medsig-serve-page-explain.png")
+        blank = tmp_path / "blank.png"
+        Image.new("RGB", (120, 90), (240, 240, 240)).save(blank)
+        driver.find_element(By.ID, "file").send_keys(str(blank))
+        verdict = _wait(driver, "#verdict.not_assessed:not([hidden])")[0]
+        assert "not assessed" in verdict.text
+        assert driver.find_elements(By.CSS_SELECTOR, "#labels .label") == []
+        assert "not assessed" in driver.find_element(By.ID, "summary").text
+        assert severe_logs(driver) == []
+    finally:
+        driver.quit()
+        server.stop()
