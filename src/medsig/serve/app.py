@@ -203,6 +203,29 @@ async def assess(state: ServeState, data: bytes, explain: bool = False) -> S.Pre
                              timing=_timing(start, decode_ms, info))
 
 
+async def find_similar(state: ServeState, data: bytes | None, text: str | None, k: int,
+                       where: list[str], using: str, start: float | None = None
+                       ) -> S.SearchResponse:
+    """The /v1/search answer (also the MCP tool's): the k nearest indexed cases."""
+    start = time.perf_counter() if start is None else start
+    if state.store is None:
+        raise ApiError(404, "not_configured", "search is off: start the server with "
+                                              "--store and --collection")
+    vector, decode_ms, info = await _embed(state, data, text)
+    flt = _filter(where)
+    if using not in state.vector_names:
+        raise ApiError(422, "invalid_field", f"the index has no '{using}' vectors")
+    try:
+        hits = await asyncio.get_running_loop().run_in_executor(
+            state.store_executor, partial(state.store.search, vector, using, k, flt))
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ApiError(422, "invalid_filter", f"filter rejected: {str(exc)[:160]}") from None
+    return S.SearchResponse(
+        query="text" if data is None else "image", collection=state.store.collection, k=k,
+        where=where, hits=[_hit(state, rank, h) for rank, h in enumerate(hits, 1)],
+        timing=_timing(start, decode_ms, info))
+
+
 # -- routes ----------------------------------------------------------------------------------
 def _add_routes(app: FastAPI, state: ServeState, auth: list) -> None:  # noqa: C901
     settings = state.settings
@@ -270,21 +293,7 @@ def _add_routes(app: FastAPI, state: ServeState, auth: list) -> None:  # noqa: C
             if (upload.file is None) == (text is None):
                 raise ApiError(422, "missing_field",
                                "send exactly one of the form fields 'file' or 'text'")
-        vector, decode_ms, info = await _embed(state, upload.file, text)
-        flt = _filter(where)
-        if using not in state.vector_names:
-            raise ApiError(422, "invalid_field", f"the index has no '{using}' vectors")
-        try:
-            hits = await asyncio.get_running_loop().run_in_executor(
-                state.store_executor, partial(state.store.search, vector, using, k, flt))
-        except (ValueError, TypeError, KeyError) as exc:
-            raise ApiError(422, "invalid_filter", f"filter rejected: {str(exc)[:160]}"
-                           ) from None
-        return S.SearchResponse(
-            query="text" if upload.file is None else "image",
-            collection=state.store.collection, k=k, where=where,
-            hits=[_hit(state, rank, h) for rank, h in enumerate(hits, 1)],
-            timing=_timing(start, decode_ms, info))
+        return await find_similar(state, upload.file, text, k, where, using, start)
 
     @app.post("/v1/embed", response_model=S.EmbedResponse, dependencies=auth,
               responses={**ERRORS, 404: {"model": S.ErrorResponse}}, tags=["search"],
