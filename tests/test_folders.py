@@ -206,3 +206,24 @@ def test_model_card_metadata_per_kind(env, kind: str) -> None:
     assert "None" not in card.text
     if kind == "classify":
         assert "softmax" in card.text and 'h["thresholds"]' in card.text
+
+
+def test_the_classifier_card_code_runs_and_gives_medsig_decisions(env, tmp_path, capsys) -> None:
+    from medsig.models.predictor import load_predictor
+
+    folder = env.folder["classify"]
+    text = (folder / "README.md").read_text()
+    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    image = tmp_path / "image.png"
+    Image.fromarray((np.random.default_rng(1).random((60, 90, 3)) * 255).astype(np.uint8)
+                    ).save(image)
+    code = code.replace("path/to/this/folder", str(folder)).replace("image.png", str(image))
+    exec(compile(code, "card", "exec"), {})  # noqa: S102 - the card's own lines
+    printed = capsys.readouterr().out.splitlines()
+    predictor = load_predictor(folder)
+    probs = predictor.predict_pixels(predictor.preprocess(load_image(image))[None])[0]
+    for line, decision in zip(printed, predictor.decide(probs)):
+        assert line.startswith(decision["name"])
+        for score in decision["scores"]:
+            assert f"'{score['name']}': ({round(score['probability'], 4)}, " \
+                f"{score['positive']})" in line

@@ -279,6 +279,8 @@ def test_search_by_image_returns_the_case_itself_first(live, env) -> None:
     assert body["query"] == "image" and len(body["hits"]) == 4
     top = body["hits"][0]
     assert top["id"] == env.ids[5] and top["score"] == pytest.approx(1.0, abs=1e-3)
+    assert top["same_image"] and not any(h["same_image"] for h in body["hits"][1:])
+    assert all(h["split"] == h["payload"]["split"] for h in body["hits"])
     assert [h["score"] for h in body["hits"]] == sorted((h["score"] for h in body["hits"]),
                                                         reverse=True)
     for hit in body["hits"]:

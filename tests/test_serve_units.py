@@ -121,6 +121,16 @@ def test_findings_name_the_state_their_probability_is_for() -> None:
     assert "p=" not in text and (risk.probability_of, cond.probability_of) == ("Low", "Eczema")
 
 
+def test_similar_cases_show_missing_labels_and_flag_the_query_itself() -> None:
+    from medsig.serve.summary import case_labels, same_image
+
+    shown = case_labels({"urgency": None, "condition": [], "risk": "Low", "tags": ["a", "b"]})
+    assert shown == {"urgency": "not recorded", "condition": "none", "risk": "Low",
+                     "tags": ["a", "b"]}
+    assert same_image(0.99999, True) and not same_image(0.99999, False)
+    assert not same_image(0.98, True)
+
+
 def test_head_from_medsig_json_dict() -> None:
     h = Head.of({"name": "edema", "kind": "binary", "classes": ["no edema", "edema"],
                  "offset": 3, "size": 1, "thresholds": [0.7], "threshold_rule": "youden"})

@@ -97,6 +97,8 @@ def test_web_page_shows_scores_summary_and_similar_cases(server, tmp_path) -> No
         assert [c.get_attribute("data-label") for c in cards] == \
             [h["name"] for h in env.meta["heads"]]
         assert driver.find_elements(By.CSS_SELECTOR, "#labels .threshold")
+        explains = driver.find_elements(By.CSS_SELECTOR, "#labels .explain")
+        assert len(explains) == len(cards) and any(e.text.startswith("P(") for e in explains)
         summary = driver.find_element(By.ID, "summary").text
         assert "not a diagnosis" in summary and "urgency:" in summary
         cases = _wait(driver, "#similar .case", count=8)
@@ -107,6 +109,8 @@ def test_web_page_shows_scores_summary_and_similar_cases(server, tmp_path) -> No
             ".filter(i => i.complete && i.naturalWidth > 0).length")
         assert loaded == 8
         assert "urgency" in cases[0].text
+        assert "same image as the query" in cases[0].text and "split: " in cases[0].text
+        assert "same image as the query" not in cases[1].text
         time.sleep(0.3)
         driver.save_screenshot("/tmp/medsig-serve-page.png")
         assert severe_logs(driver) == []

@@ -33,15 +33,15 @@ def _info(out: Path) -> dict:
 
 
 def _val_pixels(spec: Path, out: Path) -> tuple[list[int], torch.Tensor]:
-    """Val images preprocessed from the saved image processor (what a user would do)."""
+    """Val images preprocessed by the saved image processor (what a user would do)."""
     from transformers import AutoImageProcessor
 
     from medsig.data.images import load_image
-    from medsig.data.transforms import Preprocess
 
-    pre = Preprocess.from_processor(AutoImageProcessor.from_pretrained(out), mode="pad")
+    processor = AutoImageProcessor.from_pretrained(out, trust_remote_code=True)
     val = load_collection(spec).select_split("val")
-    return list(range(len(val))), torch.stack([pre(load_image(p)) for p in val.image_paths])
+    images = [load_image(p) for p in val.image_paths]
+    return list(range(len(val))), processor(images=images, return_tensors="pt")["pixel_values"]
 
 
 def test_classify_learns_and_loads_in_plain_transformers(wound: Path, tiny: Path,

@@ -1,19 +1,17 @@
 """Evaluate one or more models on one split: classification, retrieval, zero-shot, clustering.
 
-Every headline metric gets a 95% group-bootstrap CI (cases / patients resampled, not rows);
-each model is compared with the first by a paired bootstrap on the same resamples. Model
-outputs (embeddings, head and zero-shot probabilities) are cached in ``out/cache/<model>.npz``
-keyed by a fingerprint of (model files, spec + table, split rows), so re-runs reuse them.
+The orchestrator: model outputs come from ``evaluate.outputs`` (cached), the four tasks from
+``evaluate.tasks``, CIs and paired tests from ``evaluate.statistics``. Every headline metric
+gets a 95% group-bootstrap CI (cases / patients resampled, not rows); each model is compared
+with the first by a paired bootstrap on the same resamples.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +20,15 @@ import numpy as np
 from medsig.data.collection import Collection, load_collection
 from medsig.data.duplicates import DEFAULT_THRESHOLD, cross_split_duplicates
 from medsig.errors import ConfigError, DataError
-from medsig.evaluate.bootstrap import bootstrap_ci, paired_bootstrap
 from medsig.evaluate.leakage import leakage_report
+from medsig.evaluate.outputs import (  # noqa: F401 (the public names of evaluate.run)
+    compute_outputs,
+    fingerprint,
+    model_outputs,
+    zeroshot_all,
+)
 from medsig.evaluate.safety import safe_outputs
+from medsig.evaluate.statistics import subgroup_tables, validity
 from medsig.evaluate.tasks import (
     Headlines,
     ModelOutputs,
@@ -35,264 +39,14 @@ from medsig.evaluate.tasks import (
     retrieval,
     zeroshot,
 )
-from medsig.metrics.classification import nanmean
-from medsig.models.artifact import Artifact
-from medsig.models.heads import total_outputs
+from medsig.models.artifact import clean_json
 
 TASKS = ("classification", "retrieval", "zeroshot", "clustering")
-CACHE_VERSION = 2
 TSNE_POINTS = 2000
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
-# -- model outputs and cache -------------------------------------------------------------------
-def _artifact(path: str) -> Artifact | None:
-    """The model folder's record (None for a hub id or a folder without medsig.json)."""
-    return Artifact.find(path) if Path(path).is_dir() else None
-
-
-def _signature(path: str) -> list[Any]:
-    p = Path(path)
-    if not p.exists():
-        return [path]  # a hub id
-    files = sorted(f for f in p.iterdir() if f.is_file()) if p.is_dir() else [p]
-    return [str(p.resolve())] + [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
-
-
-def fingerprint(path: str, col: Collection, device: str | None = None) -> str:
-    """sha256 of the model files (and base encoder), the spec + table bytes, the split rows."""
-    h = hashlib.sha256()
-    for file in (col.spec.path, col.spec.table_path):
-        if file is not None and Path(file).is_file():
-            h.update(Path(file).read_bytes())
-    art = _artifact(path)
-    base = art.encoder_source(path) if art is not None and art.encoder != "." else None
-    parts = {"v": CACHE_VERSION, "model": _signature(path), "ids": col.ids,
-             "encoder": _signature(base) if base else None, "device": device}
-    h.update(json.dumps(parts, sort_keys=True, default=str).encode())
-    return h.hexdigest()
-
-
-def _predict(predictor: Any, col: Collection, rows: np.ndarray, batch_size: int,
-             num_workers: int | None) -> np.ndarray:
-    from medsig.data.reader import read_batches
-
-    k = total_outputs(predictor.heads)
-    out = np.full((len(col), k), np.nan, np.float32)
-    for b in read_batches(col.image_paths, rows.tolist(), predictor.preprocess, batch_size,
-                          num_workers, draft_size=predictor.image_size):
-        if b.rows:
-            out[b.rows] = predictor.predict_pixels(b.pixels)
-    return out[rows]
-
-
-def compute_outputs(path: str, col: Collection, batch_size: int = 64, device: str | None = None,
-                    num_workers: int | None = None) -> ModelOutputs:
-    """Embed the split with one model; head probabilities and zero-shot where available."""
-    from medsig.models.embedding import embed_arrays
-    from medsig.models.predictor import load_encoder, load_predictor
-
-    start = time.perf_counter()
-    art = _artifact(path)
-    predictor = None
-    if art is not None and art.objective in ("classify", "probe") and art.heads:
-        predictor = load_predictor(path, device=device)
-        encoder = predictor.encoder
-    else:
-        encoder = load_encoder(path, device=device, artifact=art)
-    has_text = encoder.tokenizer is not None
-    image, text, rows, skipped = embed_arrays(encoder, col, batch_size, num_workers,
-                                              texts=has_text)
-    res = ModelOutputs(rows, image.astype(np.float32),
-                       None if text is None else text.astype(np.float32))
-    if predictor is not None and predictor.uses_embeddings:  # a probe: no second image pass
-        res.probs = predictor.predict_embeddings(res.image)
-    elif predictor is not None:
-        res.probs = _predict(predictor, col, rows, batch_size, num_workers)
-    if has_text:
-        res.zeroshot, class_text = zeroshot_all(encoder, col.subset(rows), res.image)
-        main = main_label(col)
-        res.class_text = class_text[main] if main is not None else None
-    if predictor is not None and getattr(predictor.safety, "ood", None) is not None:
-        from medsig.evaluate.safety import outlier_scores
-
-        ood_outliers = outlier_scores(predictor)  # medsig.evaluate.safety
-    else:
-        ood_outliers = None
-    res.info = {"kind": encoder.kind, "objective": art.objective if art else None,
-                "folder_kind": art.kind if art else None,
-                "heads": [h.to_dict() for h in predictor.heads] if predictor is not None
-                else [],
-                "embed_dim": int(image.shape[1]), "skipped_images": dict(skipped),
-                "embed_seconds": round(time.perf_counter() - start, 3)}
-    if ood_outliers is not None:
-        res.info["ood_outliers"] = ood_outliers
-    return res
-
-
-def zeroshot_all(encoder: Any, col: Collection, image: np.ndarray
-                 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Per label: zero-shot probabilities (n, C) and class text embeddings (C, d).
-
-    The same prompts, prompt ensembling and activation as ``zeroshot_probabilities``, with
-    every prompt of every label embedded in one batch.
-    """
-    from medsig.models.zeroshot import class_probabilities, class_prompts, scale_bias
-
-    prompts = class_prompts(col, list(col.labels))
-    flat = [t for per in prompts.values() for texts in per.values() for t in texts]
-    emb = encoder.embed_texts(flat).numpy().astype(np.float64)
-    scale, bias = scale_bias(encoder)
-    probs, classes, at = {}, {}, 0
-    for label, per in prompts.items():
-        rows = []
-        for texts in per.values():
-            mean = emb[at:at + len(texts)].mean(axis=0)
-            rows.append(mean / np.linalg.norm(mean))
-            at += len(texts)
-        classes[label] = np.stack(rows).astype(np.float32)
-        probs[label] = class_probabilities(image, classes[label], col.labels[label].kind,
-                                           scale, bias, sigmoid=encoder.kind == "siglip")
-    return probs, classes
-
-
-def _save_cache(file: Path, fp: str, res: ModelOutputs) -> None:
-    arrays = {"rows": res.rows, "image": res.image}
-    for key in ("text", "probs", "class_text"):
-        if getattr(res, key) is not None:
-            arrays[key] = getattr(res, key)
-    labels = list(res.zeroshot)
-    arrays.update({f"zs_{i}": res.zeroshot[k] for i, k in enumerate(labels)})
-    info = {**res.info, "zeroshot_labels": labels}
-    file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_suffix(".tmp.npz")
-    with open(tmp, "wb") as fh:
-        np.savez(fh, fingerprint=np.array(fp), info=np.array(json.dumps(info)), **arrays)
-    tmp.replace(file)
-
-
-def _load_cache(file: Path, fp: str) -> ModelOutputs | None:
-    if not file.is_file():
-        return None
-    try:
-        with np.load(file, allow_pickle=False) as z:
-            if str(z["fingerprint"]) != fp:
-                return None
-            info = json.loads(str(z["info"]))
-            labels = info.pop("zeroshot_labels", [])
-            get = {k: z[k] for k in z.files}
-    except (OSError, ValueError, KeyError):
-        return None  # unreadable or old cache: recompute
-    return ModelOutputs(get["rows"], get["image"], get.get("text"), get.get("probs"),
-                        {k: get[f"zs_{i}"] for i, k in enumerate(labels)},
-                        get.get("class_text"), info)
-
-
-def model_outputs(name: str, path: str, col: Collection, cache_dir: Path | None,
-                  batch_size: int = 64, device: str | None = None,
-                  num_workers: int | None = None) -> ModelOutputs:
-    """Cached outputs when the fingerprint matches, else compute (and cache) them."""
-    fp = fingerprint(path, col, device)
-    file = cache_dir / f"{name}.npz" if cache_dir is not None else None
-    res = _load_cache(file, fp) if file is not None else None
-    if res is not None:
-        res.info["cache"] = "hit"
-        return res
-    res = compute_outputs(path, col, batch_size, device, num_workers)
-    if file is not None:
-        _save_cache(file, fp, res)
-    res.info["cache"] = "miss"
-    return res
-
-
-# -- validity ----------------------------------------------------------------------------------
-def _ci(fn: Callable[..., float], arrays: tuple, groups: np.ndarray, n_boot: int, seed: int,
-        bias_correct: bool = False) -> dict[str, Any]:
-    """Percentile group-bootstrap CI; with ``bias_correct`` the interval is shifted by the
-    bootstrap bias (mean of the resamples - point estimate)."""
-    values: list[float] = []
-
-    def recording(*a: np.ndarray) -> float:
-        values.append(float(fn(*a)))
-        return values[-1]
-
-    try:
-        res = bootstrap_ci(recording, *arrays, groups=groups, n_boot=n_boot, seed=seed).as_dict()
-    except (DataError, ValueError) as exc:
-        nan = float("nan")
-        return {"point": nan, "low": nan, "high": nan, "error": str(exc)}
-    if bias_correct:
-        bias = nanmean(values[1:]) - res["point"]
-        if math.isfinite(bias):
-            res.update(bias=bias, low_uncorrected=res["low"], high_uncorrected=res["high"],
-                       low=res["low"] - bias, high=res["high"] - bias)
-    return res
-
-
-def validity(hl: Headlines, order: Sequence[str], groups: np.ndarray, n_boot: int,
-             seed: int) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """Group-bootstrap CIs, paired differences vs the first model, and a winner per metric."""
-    headline: dict[str, Any] = {}
-    paired: dict[str, Any] = {}
-    winners: dict[str, Any] = {}
-    first = order[0]
-    for metric, per in hl.items.items():
-        headline[metric] = {m: _ci(fn, arrays, groups, n_boot, seed, corr)
-                            for m, (fn, arrays, _, corr) in per.items()}
-        paired[metric] = {}
-        for m, (fn, arrays, key, _) in per.items():
-            if m == first or first not in per:
-                continue
-            if per[first][2] != key:
-                paired[metric][m] = {"verdict": "not comparable (different labels)"}
-                continue
-            paired[metric][m] = paired_bootstrap(fn, arrays, per[first][1], groups, n_boot,
-                                                 seed=seed, names=(m, first))
-        points = {m: r["point"] for m, r in headline[metric].items()
-                  if isinstance(r["point"], float) and math.isfinite(r["point"])}
-        if not points:
-            continue
-        best = max(points, key=lambda m: points[m])
-        if len(points) == 1:
-            verdict = "only model"
-        elif first not in points:
-            verdict = f"untested ({first} lacks this metric)"
-        elif best == first:
-            others = [p for p in paired[metric].values() if "significant" in p]
-            verdict = "clear" if others and all(p["significant"] for p in others) \
-                else "not significant"
-        else:
-            verdict = "clear" if paired[metric].get(best, {}).get("significant") \
-                else "not significant"
-        winners[metric] = {"model": best, "value": points[best], "verdict": verdict}
-    return headline, paired, winners
-
-
-def subgroup_tables(col: Collection, columns: Sequence[str], hl: Headlines
-                    ) -> dict[str, Any]:
-    """Row / group counts and every headline point estimate within each value of a column."""
-    out: dict[str, Any] = {}
-    missing = set(col.spec.missing_values)
-    for column in columns:
-        raw = [str(v).strip() for v in col.frame[column].tolist()]
-        values = np.array(["MISSING" if v in missing or v.lower() == "nan" else v
-                           for v in raw], dtype=object)
-        table: dict[str, Any] = {"counts": {}, "groups": {}, "metrics": {}}
-        for v in sorted(set(values.tolist())):
-            idx = np.nonzero(values == v)[0]
-            table["counts"][v] = int(len(idx))
-            table["groups"][v] = len(set(col.groups[idx].tolist()))
-            for metric, per in hl.items.items():
-                row = table["metrics"].setdefault(metric, {}).setdefault(v, {})
-                for m, (fn, arrays, _, _) in per.items():
-                    try:
-                        row[m] = float(fn(*[a[idx] for a in arrays]))
-                    except (ValueError, ZeroDivisionError, DataError):
-                        row[m] = float("nan")
-        out[column] = table
-    return out
-
-
+# -- checks and maps ----------------------------------------------------------------------------
 def check_leakage(full: Collection) -> dict[str, Any]:
     """leakage_report of the whole collection; ConfigError naming groups found in two splits."""
     if full.split is None:
@@ -328,23 +82,6 @@ def _tsne(col: Collection, outputs: dict[str, ModelOutputs], seed: int) -> dict[
             res["models"][name] = {"x": xy[:, 0].round(3).tolist(),
                                    "y": xy[:, 1].round(3).tolist()}
     return res
-
-
-def clean(x: Any) -> Any:
-    """JSON-safe copy: numpy to Python, NaN / inf to None."""
-    if isinstance(x, dict):
-        return {str(k): clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [clean(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return clean(x.tolist())
-    if isinstance(x, (bool, np.bool_)):
-        return bool(x)
-    if isinstance(x, (int, np.integer)):
-        return int(x)
-    if isinstance(x, (float, np.floating)):
-        return float(x) if math.isfinite(x) else None
-    return x
 
 
 # -- entry point -------------------------------------------------------------------------------
@@ -421,7 +158,7 @@ def evaluate(spec: str | Path, models: dict[str, str], tasks: Sequence[str] = TA
             safe[m] = safe_outputs(col, o, models[m])
     headline, paired, winners = validity(hl, list(models), col.groups, n_boot, seed)
     curves["tsne"] = _tsne(col, outputs, seed)
-    metrics = clean({
+    metrics = clean_json({
         "spec": {"name": full.spec.name, "path": str(full.spec.path)},
         "split": split, "n_rows": len(col), "n_groups": len(set(col.groups.tolist())),
         "n_rows_in_split": len(idx), "tasks": tasks, "n_boot": n_boot, "alpha": 0.05,

@@ -102,6 +102,21 @@ class Head:
         return cls(str(get("name")), kind, classes, int(get("offset") or 0), size, thresholds,
                    get("threshold_rule"))
 
+    def onehot(self, targets: np.ndarray) -> np.ndarray:
+        """(n, size) float32 0/1 targets per output, -1 where missing, from the label's
+        encoded targets (binary (n,) in 1/0/-1, multiclass (n,) index or -1, multilabel
+        (n, C))."""
+        t = np.asarray(targets)
+        if self.kind == "binary":
+            return t.astype(np.float32).reshape(-1, 1)
+        if self.kind == "multilabel":
+            return t.astype(np.float32)
+        out = np.zeros((len(t), self.size), np.float32)
+        ok = t >= 0
+        out[np.nonzero(ok)[0], t[ok].astype(np.int64)] = 1
+        out[~ok] = -1
+        return out
+
     # -- probabilities and decisions --------------------------------------------------------
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """(n, size) probabilities from this head's (n, size) logits."""

@@ -7,7 +7,9 @@ This file is copied into classifier folders as ``image_processing_medsig.py`` an
 
 gives the pixels medsig gave in training, evaluation and serving: the image zero-padded to
 a centred square on a black canvas (``pad_to_square``), then resized with PIL to
-``size`` x ``size`` and rescaled / normalised (the PIL backend, as medsig does it).
+``size`` x ``size`` and rescaled / normalised (the PIL backend, as medsig does it). Like
+``medsig.data.transforms``, an elongated image (canvas over ``MAX_PAD_RATIO`` times the
+image) is resized first, its long side to ``size``, then centred on the black canvas.
 """
 
 from __future__ import annotations
@@ -18,9 +20,12 @@ import numpy as np
 from PIL import Image
 from transformers.image_processing_backends import PilBackend
 
+MAX_PAD_RATIO = 2.0
 
-def square_canvas(image: Any) -> Image.Image:
-    """An RGB PIL image centred on a black square of its longer side."""
+
+def square_canvas(image: Any, size: int | None = None, resample: int = 3) -> Image.Image:
+    """An RGB PIL image centred on a black square of its longer side (with ``size``: of
+    ``size`` x ``size`` pixels, resized as medsig's ``pad_resize`` does)."""
     if not isinstance(image, Image.Image):
         array = np.asarray(image)
         if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
@@ -31,12 +36,20 @@ def square_canvas(image: Any) -> Image.Image:
         image = Image.fromarray(array.squeeze())
     image = image.convert("RGB")
     w, h = image.size
-    if w == h:
-        return image
     side = max(w, h)
-    canvas = Image.new("RGB", (side, side), (0, 0, 0))
-    canvas.paste(image, ((side - w) // 2, (side - h) // 2))
-    return canvas
+    if size is not None and side * side > MAX_PAD_RATIO * w * h:  # elongated: resize first
+        scale = size / side
+        nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+        canvas = Image.new("RGB", (size, size), (0, 0, 0))
+        canvas.paste(image.resize((nw, nh), resample), ((size - nw) // 2, (size - nh) // 2))
+        return canvas
+    if w != h:
+        canvas = Image.new("RGB", (side, side), (0, 0, 0))
+        canvas.paste(image, ((side - w) // 2, (side - h) // 2))
+        image = canvas
+    if size is not None and image.size != (size, size):
+        image = image.resize((size, size), resample)
+    return image
 
 
 class MedsigImageProcessor(PilBackend):
@@ -59,7 +72,9 @@ class MedsigImageProcessor(PilBackend):
 
     def process_image(self, image: Any, *args: Any, **kwargs: Any) -> np.ndarray:
         if self.pad_to_square:
-            image = square_canvas(image)
+            size = self.size.get("height") if isinstance(self.size, dict) else \
+                getattr(self.size, "height", None)
+            image = square_canvas(image, size, int(self.resample))
         return super().process_image(image, *args, **kwargs)
 
     def to_dict(self) -> dict[str, Any]:

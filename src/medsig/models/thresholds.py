@@ -122,3 +122,25 @@ def rule_names(rule: Any, names: Sequence[str]) -> list[str]:
         sens = _rule_for(rule, j, name)
         out.append("youden" if sens is None else f"sensitivity>={sens:g}")
     return out
+
+
+def head_thresholds(heads: Sequence[Any], targets: Sequence[Any], probs: Any,
+                    rule: Any = "youden") -> list[Any]:
+    """Heads (``medsig.models.heads.Head``) with thresholds chosen on validation data.
+
+    ``targets[i]``: head i's (n, size) 0/1 targets (-1 missing, ``Head.onehot``); ``probs``:
+    (n, K) probabilities of every head. Binary / multilabel outputs get ``choose_thresholds``
+    under the head's rule ("youden", a minimum sensitivity, or {label: min sensitivity} with
+    Youden for the others); multiclass heads get none (argmax decides).
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    out = []
+    for h, y in zip(heads, targets):
+        if h.kind == "multiclass":
+            out.append(h.with_thresholds([], "argmax"))
+            continue
+        label_rule = rule.get(h.name, "youden") if isinstance(rule, Mapping) else rule
+        chosen = choose_thresholds(np.asarray(y), probs[:, h.cols], label_rule,
+                                   [h.name] * h.size)
+        out.append(h.with_thresholds(chosen, rule_names(label_rule, [h.name])[0]))
+    return out

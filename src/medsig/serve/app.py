@@ -29,7 +29,7 @@ from medsig.serve import safe
 from medsig.serve import schemas as S
 from medsig.serve.security import ApiError, Upload, api_key_dependency, read_upload, sniff_image
 from medsig.serve.state import ServeSettings, ServeState, load_state, resolve_image, scrub_paths
-from medsig.serve.summary import label_results, summarize
+from medsig.serve.summary import case_labels, label_results, same_image, summarize
 
 log = logging.getLogger("medsig.serve")
 STATIC = Path(__file__).parent / "static"
@@ -222,7 +222,8 @@ async def find_similar(state: ServeState, data: bytes | None, text: str | None, 
         raise ApiError(422, "invalid_filter", f"filter rejected: {str(exc)[:160]}") from None
     return S.SearchResponse(
         query="text" if data is None else "image", collection=state.store.collection, k=k,
-        where=where, hits=[_hit(state, rank, h) for rank, h in enumerate(hits, 1)],
+        where=where, hits=[_hit(state, rank, h, data is not None)
+                           for rank, h in enumerate(hits, 1)],
         timing=_timing(start, decode_ms, info))
 
 
@@ -367,14 +368,18 @@ def _filter(where: list[str]) -> Any:
         raise ApiError(422, "invalid_filter", exc.message) from None
 
 
-def _hit(state: ServeState, rank: int, hit: Any) -> S.SearchHit:
+def _hit(state: ServeState, rank: int, hit: Any, image_query: bool) -> S.SearchHit:
     payload = scrub_paths(hit.payload, state.image_root)
     thumb = None
     if state.image_root is not None and resolve_image(state.image_root, payload.get("image")):
         thumb = f"/v1/cases/{hit.id}/thumbnail"
+    split = payload.get("split")
     return S.SearchHit(rank=rank, id=str(payload.get("id", hit.id)), point_id=hit.id,
-                       score=round(float(hit.score), 6), labels=payload.get("labels") or {},
-                       payload=payload, thumbnail=thumb)
+                       score=round(float(hit.score), 6),
+                       same_image=same_image(hit.score, image_query),
+                       split=None if split is None else str(split),
+                       labels=case_labels(payload.get("labels")), payload=payload,
+                       thumbnail=thumb)
 
 
 def _thumbnail(state: ServeState, path: Path) -> bytes:

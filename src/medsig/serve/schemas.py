@@ -107,7 +107,14 @@ class SearchHit(_Model):
     id: str = Field(description="Row id of the indexed case.")
     point_id: str
     score: float = Field(description="Cosine similarity.")
-    labels: dict[str, Any] = Field(description="Readable label values of the case.")
+    same_image: bool = Field(description="An image query whose cosine similarity is "
+                                         ">= 0.9995: most likely the uploaded image itself "
+                                         "(or an exact copy) found in the index.")
+    split: str | None = Field(description="The case's split (train / val / test) in the "
+                                          "indexed collection; null when it had none.")
+    labels: dict[str, Any] = Field(description="Readable label values of the case; "
+                                               "`not recorded` where the label is missing, "
+                                               "`none` for a multilabel with no class.")
     payload: dict[str, Any] = Field(description="Indexed metadata; `image` is relative to "
                                                 "the image root, never an absolute path.")
     thumbnail: str | None = Field(description="URL of a small JPEG, when the image root "

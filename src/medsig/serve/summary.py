@@ -15,6 +15,8 @@ import numpy as np
 from medsig.models.heads import Head, decide
 from medsig.serve.schemas import HeadInfo, LabelResult
 
+SAME_IMAGE_COSINE = 0.9995  # an image hit this close is flagged as the query itself
+NOT_RECORDED = "not recorded"
 MAX_LISTED = 5  # multilabel findings named in the summary; the rest are counted
 
 CAVEAT = ("Note: automated image analysis for decision support only; this is not a "
@@ -73,3 +75,21 @@ def finding(lab: LabelResult) -> str:
                       for s in found[:MAX_LISTED])
     more = len(found) - MAX_LISTED
     return shown + (f"; {more} more above threshold (see the scores)" if more > 0 else "")
+
+
+def case_labels(labels: dict[str, Any] | None) -> dict[str, Any]:
+    """A similar case's readable labels: missing ones shown as ``not recorded``, an empty
+    multilabel as ``none`` (never silently dropped)."""
+    out: dict[str, Any] = {}
+    for name, value in (labels or {}).items():
+        if value is None:
+            out[name] = NOT_RECORDED
+        elif isinstance(value, list) and not value:
+            out[name] = "none"
+        else:
+            out[name] = value
+    return out
+
+
+def same_image(score: float, image_query: bool) -> bool:
+    return image_query and float(score) >= SAME_IMAGE_COSINE

@@ -104,33 +104,53 @@ def _settings(art: Artifact) -> list[str]:
         f"{_fmt(best.get('step'))}"]
 
 
+CLASSIFY_USAGE = """\
+```python
+import json, torch
+from PIL import Image
+from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+folder = "path/to/this/folder"
+# medsig's preprocessing (pad to square, then resize): image_processing_medsig.py
+processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
+model = AutoModelForImageClassification.from_pretrained(folder).eval()
+heads = json.load(open(f"{folder}/medsig.json"))["heads"]
+pixels = processor(images=Image.open("image.png").convert("RGB"), return_tensors="pt")
+with torch.no_grad():
+    logits = model(**pixels).logits[0]
+for h in heads:
+    z = logits[h["offset"]:h["offset"] + h["size"]]
+    if h["kind"] == "multiclass":  # a softmax over the slice; the argmax decides
+        p = z.softmax(-1).tolist()
+        print(h["name"], h["classes"][max(range(len(p)), key=p.__getitem__)], p)
+    else:  # binary / multilabel: a sigmoid per output, compared with the saved thresholds
+        names = h["classes"][1:] if h["kind"] == "binary" else h["classes"]
+        p = z.sigmoid().tolist()
+        print(h["name"], {n: (round(q, 4), q >= t) for n, q, t in zip(names, p, h["thresholds"])})
+```
+
+Without `trust_remote_code=True` transformers refuses to load the processor (the model
+family's own processor would resize without padding and give other numbers).
+`pipeline("image-classification", model=folder, trust_remote_code=True)` applies one
+activation to every output (a sigmoid here, also on multiclass slices) and ignores the
+thresholds: use the lines above."""
+
+
 def usage(art: Artifact) -> list[str]:
     """The few lines of plain transformers / peft / medsig code that load the folder."""
     if art.objective == "classify":
-        return ["```python", "import json, torch", "from PIL import Image",
-                "from transformers import AutoImageProcessor, AutoModelForImageClassification",
-                "", 'folder = "path/to/this/folder"',
-                "processor = AutoImageProcessor.from_pretrained(folder)  # pads to square "
-                "as medsig did", "model = AutoModelForImageClassification.from_pretrained("
-                "folder).eval()", 'heads = json.load(open(f"{folder}/medsig.json"))["heads"]',
-                'pixels = processor(images=Image.open("image.png"), return_tensors="pt")',
-                "with torch.no_grad():", "    logits = model(**pixels).logits[0]",
-                "for h in heads:", '    z = logits[h["offset"]:h["offset"] + h["size"]]',
-                '    if h["kind"] == "multiclass":  # softmax over the slice, argmax decides',
-                "        p = z.softmax(-1)",
-                '        print(h["name"], h["classes"][int(p.argmax())], p.tolist())',
-                "    else:  # binary / multilabel: a sigmoid per output, the saved thresholds",
-                "        p = z.sigmoid().tolist()",
-                '        names = h["classes"][1:] if h["kind"] == "binary" else h["classes"]',
-                '        print(h["name"], {n: (round(q, 3), q >= t) for n, q, t in '
-                'zip(names, p, h["thresholds"])})', "```",
-                "", "Do not use `pipeline(\"image-classification\")` scores directly: it "
-                "applies one activation to every output (sigmoid here) and ignores the "
-                "thresholds."]
+        return CLASSIFY_USAGE.splitlines()
     if art.kind == "lora-adapter":
-        return ["```python", "from peft import AutoPeftModel",
-                'model = AutoPeftModel.from_pretrained("path/to/this/folder")  # base from '
-                "adapter_config.json", "model = model.merge_and_unload()", "```"]
+        base = art.base_hub_id or "path/to/the/base/folder"
+        return ["```python", "from peft import PeftModel", "from transformers import AutoModel",
+                "", f'base = AutoModel.from_pretrained("{base}")',
+                'model = PeftModel.from_pretrained(base, "path/to/this/folder")',
+                "model = model.merge_and_unload()  # optional: plain weights", "```", "",
+                "`adapter_config.json` names the base"
+                + (" by its hub id." if art.base_hub_id else
+                   " by the absolute path it had when training ran (no hub id is known); "
+                   "medsig also finds it at `" + str(art.base_model) + "` relative to this "
+                   "folder.")]
     if art.objective == "probe":
         return ["```python", "from medsig.models.predictor import load_predictor",
                 'predictor = load_predictor("path/to/this/folder")', "```",

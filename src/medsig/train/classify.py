@@ -20,7 +20,7 @@ from medsig.data.collection import Collection
 from medsig.errors import ConfigError
 from medsig.metrics.classification import roc_auc
 from medsig.models.encoder import resolve_cached
-from medsig.models.heads import Head, heads_for
+from medsig.models.heads import Head, head_probabilities, heads_for
 from medsig.train.adapt import adapt_model, export_model
 from medsig.train.config import TrainConfig
 from medsig.train.data import Batch, TrainData, step_batches
@@ -149,11 +149,7 @@ class ClassifyObjective:
 
     # -- evaluation ------------------------------------------------------------------------
     def probabilities(self, logits: Tensor) -> Tensor:
-        probs = torch.sigmoid(logits)
-        for h in self.heads:
-            if h.kind == "multiclass":
-                probs[:, h.cols] = torch.softmax(logits[:, h.cols], dim=1)
-        return probs
+        return head_probabilities(logits, self.heads)
 
     @torch.no_grad()
     def predict(self, val_batches: Iterable[Batch]) -> tuple[list[int], Tensor]:
@@ -191,46 +187,17 @@ class ClassifyObjective:
 
     def _onehot_targets(self, h: Head, rows: list[int]) -> np.ndarray:
         """(n, size) 0/1 targets of a head's outputs, -1 where missing."""
-        lab = self.data.val.labels[h.name]
-        t = lab.targets[rows]
-        if h.kind == "binary":
-            return t.astype(np.float32)[:, None]
-        if h.kind == "multilabel":
-            return t.astype(np.float32)
-        out = np.zeros((len(rows), h.size), np.float32)
-        ok = t >= 0
-        out[np.nonzero(ok)[0], t[ok]] = 1
-        out[~ok] = -1
-        return out
+        return h.onehot(self.data.val.labels[h.name].targets[rows])
 
     # -- output ----------------------------------------------------------------------------
-    def thresholds(self, val_batches: Iterable[Batch]) -> list[dict[str, Any]]:
+    def thresholds(self, val_batches: Iterable[Batch]) -> list[Head]:
         """Heads with per-output thresholds chosen on val (Youden J or a min sensitivity)."""
-        from medsig.models.thresholds import threshold_for_sensitivity, youden_threshold
+        from medsig.models.thresholds import head_thresholds
 
         rows, logits = self.predict(val_batches)
         probs = self.probabilities(logits).cpu().numpy()
-        rule_cfg = self.cfg.eval.thresholds
-        heads = []
-        for h in self.heads:
-            entry: dict[str, Any] = {**h.to_dict(), "thresholds": [],
-                                     "threshold_rule": "argmax"}
-            if h.kind != "multiclass":
-                sens = rule_cfg.get(h.name) if isinstance(rule_cfg, dict) else None
-                entry["threshold_rule"] = f"sensitivity>={sens}" if sens else "youden"
-                y = self._onehot_targets(h, rows)
-                for j in range(h.size):
-                    ok = y[:, j] >= 0
-                    yj, pj = y[ok, j].astype(int), probs[ok, h.offset + j]
-                    if len(set(yj.tolist())) < 2:
-                        entry["thresholds"].append(0.5)  # val has one class: no evidence
-                    elif sens:
-                        entry["thresholds"].append(float(threshold_for_sensitivity(yj, pj,
-                                                                                   sens)))
-                    else:
-                        entry["thresholds"].append(float(youden_threshold(yj, pj)))
-            heads.append(entry)
-        return heads
+        targets = [self._onehot_targets(h, rows) for h in self.heads]
+        return head_thresholds(self.heads, targets, probs, self.cfg.eval.thresholds)
 
     def save(self, out_dir: Path, val_batches: Iterable[Batch]) -> dict[str, Any]:
         heads = self.thresholds(val_batches)

@@ -22,6 +22,7 @@ from medsig.models.heads import Head, head_probabilities
 from medsig.models.predictor import PROBE_WEIGHTS, ProbeNet
 from medsig.train.classify import _auc, build_heads
 from medsig.train.config import TrainConfig, load_config
+from medsig.train.losses import pos_weight_from_targets
 
 
 def _targets(collection: Any, h: Head) -> np.ndarray:
@@ -34,21 +35,11 @@ def _targets(collection: Any, h: Head) -> np.ndarray:
     return t.astype(np.int64)[:, None]
 
 
-def _onehot(h: Head, t: np.ndarray) -> np.ndarray:
-    if h.kind != "multiclass":
-        return t
-    out = np.full((len(t), h.size), -1.0, np.float32)
-    ok = t[:, 0] >= 0
-    out[ok] = 0
-    out[np.nonzero(ok)[0], t[ok, 0]] = 1
-    return out
-
-
 def head_aucs(heads: list[Head], collection: Any, probs: np.ndarray) -> dict[str, float]:
     """Mean one-vs-rest AUC per head and their macro average (NaN-free keys only)."""
     out: dict[str, float] = {}
     for h in heads:
-        y = _onehot(h, _targets(collection, h))
+        y = h.onehot(collection.labels[h.name].targets)
         aucs = [a for a in (_auc(y[:, j], probs[:, h.offset + j]) for j in range(h.size))
                 if a is not None]
         if aucs:
@@ -169,7 +160,8 @@ def _fit_mlp(heads: list[Head], x: np.ndarray, targets: list[np.ndarray], xv: np
     xt, xvt = torch.as_tensor(x), torch.as_tensor(xv)
     tt = [torch.as_tensor(t) for t in targets]
     tvt = [torch.as_tensor(t) for t in targets_v]
-    pos_w = [_pos_weight(t) if h.kind != "multiclass" else None for h, t in zip(heads, tt)]
+    pos_w = [pos_weight_from_targets(t) if h.kind != "multiclass" else None
+             for h, t in zip(heads, tt)]
     best, best_state, best_epoch = float("inf"), None, 0
     for epoch in range(p.mlp_epochs):
         net.train()
@@ -185,13 +177,6 @@ def _fit_mlp(heads: list[Head], x: np.ndarray, targets: list[np.ndarray], xv: np
     if best_state is not None:
         net.load_state_dict(best_state)
     return net.eval(), best_epoch
-
-
-def _pos_weight(t: torch.Tensor) -> torch.Tensor:
-    valid = t >= 0
-    pos = ((t == 1) & valid).sum(0).float()
-    neg = ((t == 0) & valid).sum(0).float()
-    return torch.where(pos > 0, neg / pos.clamp(min=1), torch.ones_like(pos))
 
 
 # -- entry point -------------------------------------------------------------------------------
@@ -282,27 +267,15 @@ def _embed(cfg: TrainConfig, collection: Any) -> tuple[np.ndarray, np.ndarray, d
     return emb.astype(np.float32), rows[kept], dict(skipped), encoder
 
 
-def _thresholds(heads: list[Head], val: Any, probs: np.ndarray, rule: Any
-                ) -> list[dict[str, Any]]:
-    from medsig.models.thresholds import choose_thresholds, rule_names
+def _thresholds(heads: list[Head], val: Any, probs: np.ndarray, rule: Any) -> list[Head]:
+    from medsig.models.thresholds import head_thresholds
 
-    out = []
-    for h in heads:
-        entry = {**h.to_dict(), "thresholds": [], "threshold_rule": "argmax"}
-        if h.kind != "multiclass":
-            y = _targets(val, h)
-            names = [h.name] * h.size
-            label_rule = {h.name: rule[h.name]} if isinstance(rule, dict) and h.name in rule \
-                else ("youden" if isinstance(rule, dict) else rule)
-            entry["thresholds"] = [float(v) for v in choose_thresholds(
-                y, probs[:, h.offset:h.offset + h.size], label_rule, names)]
-            entry["threshold_rule"] = rule_names(label_rule, [h.name])[0]
-        out.append(entry)
-    return out
+    targets = [h.onehot(val.labels[h.name].targets) for h in heads]
+    return head_thresholds(heads, targets, probs, rule)
 
 
 def _save(cfg: TrainConfig, out: Path, net: ProbeNet, estimators: Any, mean: np.ndarray,
-          std: np.ndarray, info: dict, heads: list[dict], metrics: dict, collection: Any,
+          std: np.ndarray, info: dict, heads: list[Head], metrics: dict, collection: Any,
           encoder: Any, seconds: float, skipped: dict, split_note: str | None,
           counts: dict[str, int]) -> None:
     from safetensors.torch import save_file
@@ -315,7 +288,8 @@ def _save(cfg: TrainConfig, out: Path, net: ProbeNet, estimators: Any, mean: np.
     if estimators is not None:
         import joblib
 
-        joblib.dump({"mean": mean, "std": std, "heads": heads, "estimators": estimators},
+        joblib.dump({"mean": mean, "std": std, "heads": [h.to_dict() for h in heads],
+                     "estimators": estimators},
                     out / "probe.joblib")
     training = {"seconds": round(seconds, 2), "skipped_images": skipped,
                 "device": str(encoder.device)}

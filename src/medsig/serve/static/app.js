@@ -51,6 +51,18 @@ async function loadHealth() {
 
 function pct(p) { return `${Math.max(0, Math.min(100, p * 100)).toFixed(1)}%`; }
 
+// One sentence that names the state each shown probability is for.
+function explain(lab) {
+  if (lab.kind === "binary") {
+    const side = lab.present.length ? "at or above" : "below";
+    return `P(${lab.probability_of}) = ${lab.probability.toFixed(2)}, ${side} the threshold ` +
+      `${lab.threshold.toFixed(2)}`;
+  }
+  if (lab.kind === "multiclass") return `most probable class (of ${lab.classes.length})`;
+  return lab.present.length ? "classes at or above their thresholds"
+    : "no class reaches its threshold";
+}
+
 function renderLabels(labels) {
   const root = $("#labels");
   root.replaceChildren();
@@ -66,6 +78,7 @@ function renderLabels(labels) {
       head.append(el("span", "decision" + (positive ? " positive" : ""), lab.decision));
     }
     card.append(head);
+<<<<<<< HEAD
     if (lab.conformal_set !== null && lab.conformal_set !== undefined) {
       const what = lab.kind === "multilabel" ? "present for sure" : "plausible";
       const set = lab.conformal_set.length ? lab.conformal_set.join(", ") : "none";
@@ -80,9 +93,12 @@ function renderLabels(labels) {
       img.src = `data:image/png;base64,${lab.saliency_png}`;
       card.append(img);
     }
+=======
+    card.append(el("div", "explain muted", explain(lab)));
+>>>>>>> i11
     for (const s of lab.scores) {
       const row = el("div", "row");
-      row.append(el("span", "cls", s.name));
+      row.append(el("span", "cls", `P(${s.name})`));
       const bar = el("div", "bar");
       const fill = el("div", "fill" + (s.positive && lab.kind !== "multiclass" ? " positive" : ""));
       fill.style.width = pct(s.probability);
@@ -127,10 +143,15 @@ function renderSimilar(hits) {
     card.append(img);
     if (hit.thumbnail) loadThumb(img, hit.thumbnail);
     card.append(el("div", "case-title", `${hit.id} · ${hit.score.toFixed(3)}`));
+    if (hit.same_image) {
+      card.classList.add("same");
+      card.append(el("div", "flag", "same image as the query"));
+    }
+    card.append(el("div", "muted split", `split: ${hit.split || "none"}`));
     const list = el("ul");
     for (const [name, value] of Object.entries(hit.labels)) {
-      if (value === null || (Array.isArray(value) && value.length === 0)) continue;
-      list.append(el("li", "", `${name}: ${Array.isArray(value) ? value.join(", ") : value}`));
+      const shown = value === null ? "not recorded" : (Array.isArray(value) ? value.join(", ") : value);
+      list.append(el("li", "", `${name}: ${shown}`));
     }
     card.append(list);
     root.append(card);
