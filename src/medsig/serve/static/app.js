@@ -78,7 +78,7 @@ function renderLabels(labels) {
       head.append(el("span", "decision" + (positive ? " positive" : ""), lab.decision));
     }
     card.append(head);
-<<<<<<< HEAD
+    card.append(el("div", "explain muted", explain(lab)));
     if (lab.conformal_set !== null && lab.conformal_set !== undefined) {
       const what = lab.kind === "multilabel" ? "present for sure" : "plausible";
       const set = lab.conformal_set.length ? lab.conformal_set.join(", ") : "none";
@@ -93,9 +93,6 @@ function renderLabels(labels) {
       img.src = `data:image/png;base64,${lab.saliency_png}`;
       card.append(img);
     }
-=======
-    card.append(el("div", "explain muted", explain(lab)));
->>>>>>> i11
     for (const s of lab.scores) {
       const row = el("div", "row");
       row.append(el("span", "cls", `P(${s.name})`));
@@ -173,8 +170,8 @@ async function analyse(file) {
   const form = new FormData();
   form.append("file", file);
   try {
-    const explain = $("#explain").checked ? "?explain=true" : "";
-    const result = await api(`/v1/predict${explain}`, { method: "POST", body: form });
+    const query = $("#explain").checked ? "?explain=true" : "";
+    const result = await api(`/v1/predict${query}`, { method: "POST", body: form });
     const verdict = $("#verdict");
     verdict.hidden = result.status === "assessed";
     verdict.className = `verdict ${result.status}`;
