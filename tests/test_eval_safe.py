@@ -45,8 +45,43 @@ def test_metrics_hold_calibration_coverage_and_ood(env) -> None:
     assert all(0 <= v["auroc"] <= 1 for v in o["outliers"].values())
 
 
-def test_report_shows_safe_outputs(env) -> None:
-    md = (env.out / "report.md").read_text()
+def _report(env, tmp_path):
+    """The report of the session's metrics, written afresh (other tests rewrite env.out)."""
+    from medsig.evaluate.report import write_report
+
+    md, page = write_report(env.metrics, tmp_path / "report")
+    return md.read_text(), page.read_text()
+
+
+def test_report_shows_safe_outputs(env, tmp_path) -> None:
+    md, _ = _report(env, tmp_path)
     assert "## Safe outputs: calibration, abstention, refusal" in md
     assert "ECE before → after" in md and "coverage" in md and "false-reject on split" in md
     assert "calibration-probe0-urgent" in md  # the before / after reliability diagram
+
+
+def test_clinician_table_and_contents(env, tmp_path) -> None:
+    from medsig.data.collection import load_collection
+    from medsig.metrics.classification import binary_metrics
+
+    rows = env.metrics["clinical"]["probe0"]
+    e = rows["Urgent"]
+    col = load_collection(env.spec).select_split("test")
+    y = col.labels["urgent"].targets
+    probs = np.load(env.out / "cache" / "probe0.npz")["probs"]
+    from medsig.models.predictor import load_predictor
+
+    h = next(h for h in load_predictor(env.models["probe0"]).heads if h.name == "urgent")
+    want = binary_metrics(y, probs[:, h.offset], h.thresholds[0])
+    assert e["threshold"] == pytest.approx(h.thresholds[0])
+    for key in ("sensitivity", "specificity", "ppv", "npv"):
+        v = e[key]
+        assert v["value"] == pytest.approx(want[key], nan_ok=True)
+        if np.isfinite(v["value"]):
+            assert v["low"] <= v["value"] <= v["high"]
+    assert e["prevalence"]["value"] == pytest.approx(want["n_pos"] / want["n"])
+    md, page = _report(env, tmp_path)
+    assert "## Contents" in md and "- [For clinicians: decisions at the saved thresholds]" \
+        "(#for-clinicians-decisions-at-the-saved-thresholds)" in md
+    assert "| Urgent |" in md and "PPV" in md and "NPV" in md
+    assert "id='for-clinicians-decisions-at-the-saved-thresholds'" in page

@@ -20,6 +20,7 @@ import numpy as np
 from medsig.data.collection import Collection, load_collection
 from medsig.data.duplicates import DEFAULT_THRESHOLD, cross_split_duplicates
 from medsig.errors import ConfigError, DataError
+from medsig.evaluate.clinical import clinical_tables
 from medsig.evaluate.leakage import leakage_report
 from medsig.evaluate.outputs import (  # noqa: F401 (the public names of evaluate.run)
     compute_outputs,
@@ -144,6 +145,7 @@ def evaluate(spec: str | Path, models: dict[str, str], tasks: Sequence[str] = TA
     curves: dict[str, Any] = {"roc": roc, "recall_at_k": {}}
     results: dict[str, Any] = {t: {} for t in tasks}
     safe: dict[str, Any] = {}
+    clinical: dict[str, Any] = {}
     for m, o in outputs.items():
         if "classification" in tasks:
             results["classification"][m] = classification(col, o, hl, m, roc["classification"])
@@ -156,6 +158,7 @@ def evaluate(spec: str | Path, models: dict[str, str], tasks: Sequence[str] = TA
             results["clustering"][m] = clustering(col, o, hl, m, seed)
         if "classification" in tasks:  # calibration, conformal, OOD (evaluate/safety.py)
             safe[m] = safe_outputs(col, o, models[m])
+            clinical[m] = clinical_tables(col, o, n_boot, seed)  # evaluate/clinical.py
     headline, paired, winners = validity(hl, list(models), col.groups, n_boot, seed)
     curves["tsne"] = _tsne(col, outputs, seed)
     metrics = clean_json({
@@ -167,7 +170,7 @@ def evaluate(spec: str | Path, models: dict[str, str], tasks: Sequence[str] = TA
                                                   if k != "heads"}}
                    for m, o in outputs.items()},
         "leakage": leakage, **results, "headline": headline, "paired": paired,
-        "winners": winners, "safe_outputs": safe,
+        "winners": winners, "safe_outputs": safe, "clinical": clinical,
         "subgroups": subgroup_tables(col, list(subgroups or []), hl),
         "curves": curves, "seconds": round(time.perf_counter() - started, 2),
     })

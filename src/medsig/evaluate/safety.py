@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from medsig.data.collection import Collection
+from medsig.evaluate.clinical import display_name
 from medsig.metrics.classification import calibration, roc_auc
 from medsig.models.conformal import coverage
 from medsig.models.heads import Head
@@ -100,12 +101,13 @@ def report_blocks(metrics: dict[str, Any], figures: bool = True) -> list[tuple]:
     for m, r in per_model.items():
         for label, e in r["labels"].items():
             b, a = e["before"], e["after"]
-            rows.append([m, label, ", ".join(_f(t, 2) for t in e["temperatures"] or []),
+            temps = ", ".join(_f(t, 2) for t in e["temperatures"] or [])
+            rows.append([m, display_name(label), temps,
                          f"{_f(b['ece'])} → {_f(a['ece'])}",
                          f"{_f(b['brier'])} → {_f(a['brier'])}", a["n"]])
             c = e.get("conformal")
             if c:
-                cov_rows.append([m, label, _f(c["alpha"], 2), _f(c["target"], 2),
+                cov_rows.append([m, display_name(label), _f(c["alpha"], 2), _f(c["target"], 2),
                                  _f(c["coverage"]), _f(c["abstention"]),
                                  _f(c["mean_set_size"], 2), c["n"]])
     blocks.append(("table", ["model", "label", "temperature", "ECE before → after",
@@ -152,7 +154,7 @@ def _reliability(per_model: dict[str, Any]) -> list[tuple]:
                 series[f"{when} (ECE {_f(e[when]['ece'])})"] = (
                     [b["mean_confidence"] for b in bins], [b["fraction_positive"] for b in bins])
             out.append(("img", f"calibration-{m}-{label}", _line_figure(
-                f"Reliability before / after temperature: {m}, {label}",
+                f"Reliability before / after temperature: {m}, {display_name(label)}",
                 "mean predicted probability", "observed frequency", series, diagonal=True,
                 markers=True), f"Reliability of {label} ({m}) before and after calibration"))
     return out
