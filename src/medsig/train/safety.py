@@ -57,6 +57,8 @@ def fit_safety(folder: str | Path, spec: str | Path | None = None,
     from medsig.models.predictor import load_predictor
 
     folder = Path(folder)
+    if not (folder / "medsig.json").is_file():
+        raise ConfigError("not a medsig model folder (no medsig.json)", file=folder)
     predictor = load_predictor(folder, device=device, safe_outputs=False)  # raw outputs
     spec = spec or predictor.artifact.spec_path(folder)
     if not spec or not Path(spec).is_file():
