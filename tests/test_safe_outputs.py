@@ -7,7 +7,7 @@ import pytest
 
 from medsig.errors import ConfigError
 from medsig.metrics.classification import calibration
-from medsig.models.calibration import apply_calibration, fit_calibration, fit_temperature
+from medsig.models.calibration import apply_calibration, fit_calibration, fit_scaling
 from medsig.models.conformal import conformal_quantile, coverage, fit_conformal
 from medsig.models.heads import Head
 from medsig.models.ood import OodGate, fit_ood
@@ -36,13 +36,14 @@ def _world(n: int, rng: np.random.Generator, sharpen: float = 3.0):
     return probs, {"urgency": yb, "risk": ym, "signs": yl}
 
 
-def test_temperature_recovers_overconfidence_and_lowers_ece():
+def test_calibration_recovers_overconfidence_and_lowers_ece():
     rng = np.random.default_rng(0)
     val, yv = _world(3000, rng)
     test, yt = _world(3000, rng)
     temps = fit_calibration(HEADS, yv, val)
-    assert temps["urgency"][0] == pytest.approx(3.0, rel=0.15)
-    assert temps["risk"][0] == pytest.approx(3.0, rel=0.15)
+    assert temps["urgency"][0][0] == pytest.approx(1 / 3, rel=0.15)  # Platt a = 1 / 3
+    assert abs(temps["urgency"][0][1]) < 0.15  # no shift to undo
+    assert temps["risk"][0][0] == pytest.approx(1 / 3, rel=0.15)  # temperature 3
     assert len(temps["signs"]) == 2
     cal = apply_calibration(HEADS, temps, test)
     before = calibration(yt["urgency"], test[:, 0])
@@ -53,16 +54,32 @@ def test_temperature_recovers_overconfidence_and_lowers_ece():
     assert m_after["ece"] < m_before["ece"] / 2
     # rankings and argmax unchanged; exactly invertible
     assert (cal[:, 1:4].argmax(1) == test[:, 1:4].argmax(1)).all()
-    assert np.argsort(cal[:, 0]).tolist() == np.argsort(test[:, 0]).tolist()
+    order = np.argsort(test[:, 0])
+    assert (np.diff(cal[order, 0]) >= 0).all()  # monotone: the same ranking
     back = apply_calibration(HEADS, temps, cal, invert=True)
     assert np.abs(back - test).max() < 1e-4
 
 
-def test_temperature_ignores_missing_and_degenerate_targets():
-    p = np.array([0.9, 0.2, 0.7, 0.1])
-    assert fit_temperature(np.array([1, 1, 1, -1]), p, "binary") == 1.0  # one class only
-    t1 = fit_temperature(np.array([1, 0, 1, 0, -1]), np.r_[p, 0.99], "binary")
-    t2 = fit_temperature(np.array([1, 0, 1, 0]), p, "binary")
+def test_platt_undoes_a_shifted_base_rate():
+    """A classifier trained with a positive-class weight: right ranking, shifted logits
+    (the demo's urgent head, ECE 0.397) - a temperature cannot fix it, Platt's b can."""
+    rng = np.random.default_rng(1)
+    z = rng.normal(0, 1.5, 6000)
+    y = (rng.random(6000) < 1 / (1 + np.exp(-z))).astype(np.int8)
+    shifted = 1 / (1 + np.exp(-(z + 2.0)))
+    a, b = fit_scaling(y[:3000], shifted[:3000], "binary")
+    assert a == pytest.approx(1.0, abs=0.1) and b == pytest.approx(-2.0, abs=0.2)
+    head = [Head("u", "binary", ["no", "yes"], 0, 1)]
+    cal = apply_calibration(head, {"u": [[a, b]]}, shifted[3000:, None])[:, 0]
+    before, after = calibration(y[3000:], shifted[3000:]), calibration(y[3000:], cal)
+    assert before["ece"] > 0.2 and after["ece"] < 0.03
+
+
+def test_calibration_ignores_missing_and_degenerate_targets():
+    p = np.array([0.9, 0.2, 0.7, 0.1, 0.6, 0.3])
+    assert fit_scaling(np.array([1, 1, 1, -1, 1, 1]), p, "binary") == (1.0, 0.0)
+    t1 = fit_scaling(np.array([1, 0, 0, 1, 1, 0, -1]), np.r_[p, 0.99], "binary")
+    t2 = fit_scaling(np.array([1, 0, 0, 1, 1, 0]), p, "binary")
     assert t1 == pytest.approx(t2)
 
 

@@ -50,7 +50,7 @@ def test_labels_show_gate_and_conformal_thresholds(client) -> None:
     assert body["ood"]["false_reject_target"] == 0.05
     for h in body["heads"]:
         assert h["alpha"] == 0.1 and h["conformal_qhat"] == safety.conformal[h["name"]]["qhat"]
-        assert h["temperatures"] == safety.calibration[h["name"]]
+        assert h["calibration"] == safety.calibration[h["name"]]
 
 
 def test_in_distribution_image_gets_states_and_sets(client) -> None:

@@ -1,5 +1,5 @@
 """The safe outputs of a model on the evaluation split: calibration before / after the
-saved temperatures (ECE, Brier, reliability bins), empirical conformal coverage against
+saved calibration (ECE, Brier, reliability bins), empirical conformal coverage against
 1 - alpha with the abstention rate, and the OOD gate (false-reject rate on the split, AUROC
 against generated images of kinds it must refuse). Plus the report section that shows them.
 """
@@ -60,7 +60,7 @@ def safe_outputs(col: Collection, out: Any, path: str) -> dict[str, Any] | None:
         if h.name not in col.labels:
             continue
         y = np.asarray(col.labels[h.name].targets)
-        entry: dict[str, Any] = {"temperatures": safety.calibration.get(h.name)}
+        entry: dict[str, Any] = {"calibration": safety.calibration.get(h.name)}
         entry.update(_calibration_pair(h, y, raw[:, h.cols], cal[:, h.cols]))
         if h.name in safety.conformal:
             entry["conformal"] = coverage(h, safety.conformal[h.name], y, cal[:, h.cols])
@@ -91,7 +91,8 @@ def report_blocks(metrics: dict[str, Any], figures: bool = True) -> list[tuple]:
     if not per_model:
         return []
     blocks: list[tuple] = [("h", 2, "Safe outputs: calibration, abstention, refusal"), (
-        "p", "Temperatures, conformal thresholds and the OOD threshold were fitted on the "
+        "p", "Calibration (Platt a, b per sigmoid output; temperature 1 / a per multiclass "
+         "head), conformal thresholds and the OOD threshold were fitted on the "
              "val split and are saved with the model; here they meet the evaluation split. "
              "Conformal coverage is the share of labelled images whose prediction set holds "
              "the true state / class (the guarantee: at least 1 − α on average over splits); "
@@ -101,7 +102,7 @@ def report_blocks(metrics: dict[str, Any], figures: bool = True) -> list[tuple]:
     for m, r in per_model.items():
         for label, e in r["labels"].items():
             b, a = e["before"], e["after"]
-            temps = ", ".join(_f(t, 2) for t in e["temperatures"] or [])
+            temps = "; ".join(f"{_f(a, 2)}, {_f(b, 2)}" for a, b in e["calibration"] or [])
             rows.append([m, display_name(label), temps,
                          f"{_f(b['ece'])} → {_f(a['ece'])}",
                          f"{_f(b['brier'])} → {_f(a['brier'])}", a["n"]])
@@ -110,7 +111,8 @@ def report_blocks(metrics: dict[str, Any], figures: bool = True) -> list[tuple]:
                 cov_rows.append([m, display_name(label), _f(c["alpha"], 2), _f(c["target"], 2),
                                  _f(c["coverage"]), _f(c["abstention"]),
                                  _f(c["mean_set_size"], 2), c["n"]])
-    blocks.append(("table", ["model", "label", "temperature", "ECE before → after",
+    blocks.append(("table", ["model", "label", "calibration a, b (per output)",
+                             "ECE before → after",
                              "Brier before → after", "n"], rows))
     if cov_rows:
         blocks.append(("table", ["model", "label", "α", "target 1 − α", "coverage",
@@ -154,7 +156,7 @@ def _reliability(per_model: dict[str, Any]) -> list[tuple]:
                 series[f"{when} (ECE {_f(e[when]['ece'])})"] = (
                     [b["mean_confidence"] for b in bins], [b["fraction_positive"] for b in bins])
             out.append(("img", f"calibration-{m}-{label}", _line_figure(
-                f"Reliability before / after temperature: {m}, {display_name(label)}",
+                f"Reliability before / after calibration: {m}, {display_name(label)}",
                 "mean predicted probability", "observed frequency", series, diagonal=True,
                 markers=True), f"Reliability of {label} ({m}) before and after calibration"))
     return out

@@ -1,11 +1,19 @@
-"""Temperature scaling per head, fitted on val (Guo et al. 2017).
+"""Probability calibration per head, fitted on val: Platt scaling for sigmoid outputs,
+temperature scaling for softmax heads (Platt 1999; Guo et al. 2017).
 
-Works on the probabilities a predictor returns (heads concatenated, see ``models.heads``):
-binary and multilabel outputs are sigmoids, so ``p' = sigmoid(logit(p) / T)`` with one
-temperature per output; a multiclass head is a softmax slice, so ``p' = softmax(log p / T)``
-with one temperature per head. ``T`` minimises the negative log-likelihood of the val
-targets (missing targets, -1, are ignored); ``T = 1`` when a head has no usable target.
-Scaling by ``T`` keeps every ranking (AUC) and the argmax, and is exactly invertible.
+Works on the probabilities a predictor returns (heads concatenated, see ``models.heads``).
+Every output (binary, each multilabel class) or multiclass head gets a pair ``(a, b)``:
+
+- binary / multilabel output: ``p' = sigmoid(a * logit(p) + b)`` (Platt). ``b`` undoes a
+  shifted base rate (e.g. a classifier trained with a positive-class weight), ``a`` over- or
+  under-confidence;
+- multiclass head: ``p' = softmax(a * log p)`` (temperature ``T = 1 / a``; ``b`` is 0): a
+  softmax has no single bias to move.
+
+``(a, b)`` minimise the negative log-likelihood of the val targets (missing targets, -1,
+are ignored); ``(1, 0)`` when a head has no usable targets or fitting does not help. With
+``a > 0`` the map is increasing: it keeps every ranking (AUC), the argmax, and maps each
+threshold to the one giving the same decisions; it is exactly invertible.
 """
 
 from __future__ import annotations
@@ -14,12 +22,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from scipy.optimize import minimize_scalar
+from scipy.optimize import minimize
 
 from medsig.models.heads import Head
 
 EPS = 1e-7
-T_RANGE = (0.05, 20.0)
+IDENTITY = (1.0, 0.0)
+A_RANGE = (0.05, 20.0)
 
 
 def _logit(p: np.ndarray) -> np.ndarray:
@@ -37,13 +46,15 @@ def _softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def scale_probs(p: np.ndarray, kind: str, t: float) -> np.ndarray:
-    """Probabilities of one output (binary / multilabel column) or one multiclass slice at
-    temperature ``t``."""
+def transform(p: Any, kind: str, a: float, b: float = 0.0, invert: bool = False
+              ) -> np.ndarray:
+    """Calibrated probabilities of one sigmoid output (n,) or one multiclass slice (n, C)
+    (``invert``: back to the raw ones)."""
     p = np.asarray(p, dtype=np.float64)
     if kind == "multiclass":
-        return _softmax(np.log(np.clip(p, EPS, 1.0)) / t)
-    return _sigmoid(_logit(p) / t)
+        return _softmax(np.log(np.clip(p, EPS, 1.0)) * (1.0 / a if invert else a))
+    z = _logit(p)
+    return _sigmoid((z - b) / a if invert else a * z + b)
 
 
 def _nll(y: np.ndarray, p: np.ndarray, kind: str) -> float:
@@ -53,25 +64,36 @@ def _nll(y: np.ndarray, p: np.ndarray, kind: str) -> float:
     return float(-np.mean(y * np.log(p) + (1 - y) * np.log1p(-p)))
 
 
-def fit_temperature(y: Any, p: Any, kind: str) -> float:
-    """The NLL-optimal temperature for targets ``y`` (binary 0/1/-1, or class index / -1)
-    and probabilities ``p`` ((n,) for a sigmoid output, (n, C) for a multiclass slice)."""
+def fit_scaling(y: Any, p: Any, kind: str) -> tuple[float, float]:
+    """NLL-optimal ``(a, b)`` for targets ``y`` (0 / 1 / -1, or class index / -1) and raw
+    probabilities ``p`` ((n,) sigmoid output or (n, C) multiclass slice)."""
     y = np.asarray(y)
     p = np.asarray(p, dtype=np.float64)
     keep = y >= 0
     y, p = y[keep].astype(np.int64), p[keep]
     if len(y) < 2 or (kind != "multiclass" and len(np.unique(y)) < 2):
-        return 1.0
-    res = minimize_scalar(lambda lt: _nll(y, scale_probs(p, kind, float(np.exp(lt))), kind),
-                          bounds=tuple(np.log(T_RANGE)), method="bounded",
-                          options={"xatol": 1e-4})
-    t = float(np.exp(res.x))
-    # never worse than no scaling (the bounded search can stop in a flat region)
-    return t if _nll(y, scale_probs(p, kind, t), kind) <= _nll(y, p, kind) else 1.0
+        return IDENTITY
+    lo, hi = np.log(A_RANGE)
+    if kind == "multiclass":
+        def loss(x: np.ndarray) -> float:
+            return _nll(y, transform(p, kind, float(np.exp(x[0]))), kind)
+
+        res = minimize(loss, np.zeros(1), method="L-BFGS-B", bounds=[(lo, hi)])
+        a, b = float(np.exp(res.x[0])), 0.0
+    else:
+        z = _logit(p)
+
+        def loss(x: np.ndarray) -> float:
+            return _nll(y, _sigmoid(np.exp(x[0]) * z + x[1]), kind)
+
+        res = minimize(loss, np.zeros(2), method="L-BFGS-B", bounds=[(lo, hi), (-20, 20)])
+        a, b = float(np.exp(res.x[0])), float(res.x[1])
+    better = _nll(y, transform(p, kind, a, b), kind) <= _nll(y, p, kind)
+    return (round(a, 6), round(b, 6)) if better else IDENTITY
 
 
 def head_targets(h: Head, targets: np.ndarray) -> list[np.ndarray]:
-    """A head's targets as one array per temperature: per output (binary / multilabel) or
+    """A head's targets as one array per fitted output: per output (binary / multilabel) or
     the class index (multiclass)."""
     t = np.asarray(targets)
     if h.kind == "multilabel":
@@ -80,37 +102,37 @@ def head_targets(h: Head, targets: np.ndarray) -> list[np.ndarray]:
 
 
 def fit_calibration(heads: Sequence[Any], targets: Mapping[str, np.ndarray],
-                    probs: np.ndarray) -> dict[str, list[float]]:
-    """Temperatures {head name: [T per output] (multiclass: [T])} from val probabilities;
-    heads without targets keep T = 1."""
-    out: dict[str, list[float]] = {}
+                    probs: np.ndarray) -> dict[str, list[list[float]]]:
+    """{head name: [[a, b] per output] (multiclass: one pair)} from raw val probabilities;
+    heads without targets keep the identity."""
+    out: dict[str, list[list[float]]] = {}
     for h in map(Head.of, heads):
         block = np.asarray(probs)[:, h.cols]
+        n = 1 if h.kind == "multiclass" else h.size
         if h.name not in targets:
-            out[h.name] = [1.0] * (1 if h.kind == "multiclass" else h.size)
+            out[h.name] = [list(IDENTITY) for _ in range(n)]
             continue
         ys = head_targets(h, targets[h.name])
         if h.kind == "multiclass":
-            out[h.name] = [round(fit_temperature(ys[0], block, h.kind), 6)]
+            out[h.name] = [list(fit_scaling(ys[0], block, h.kind))]
         else:
-            out[h.name] = [round(fit_temperature(y, block[:, j], h.kind), 6)
-                           for j, y in enumerate(ys)]
+            out[h.name] = [list(fit_scaling(y, block[:, j], h.kind)) for j, y in enumerate(ys)]
     return out
 
 
-def apply_calibration(heads: Sequence[Any], temps: Mapping[str, Sequence[float]],
+def apply_calibration(heads: Sequence[Any], params: Mapping[str, Sequence[Sequence[float]]],
                       probs: Any, invert: bool = False) -> np.ndarray:
-    """Calibrated probabilities (same layout); ``invert`` undoes the scaling exactly."""
+    """Calibrated probabilities (same layout); ``invert`` undoes the calibration exactly."""
     p = np.asarray(probs, dtype=np.float64).copy()
     for h in map(Head.of, heads):
-        ts = temps.get(h.name)
-        if not ts:
+        pairs = params.get(h.name)
+        if not pairs:
             continue
         if h.kind == "multiclass":
-            t = float(ts[0])
-            p[:, h.cols] = scale_probs(p[:, h.cols], h.kind, 1.0 / t if invert else t)
+            a, b = pairs[0]
+            p[:, h.cols] = transform(p[:, h.cols], h.kind, a, b, invert)
             continue
-        for j, t in enumerate(ts):
+        for j, (a, b) in enumerate(pairs):
             col = h.offset + j
-            p[:, col] = scale_probs(p[:, col], h.kind, 1.0 / float(t) if invert else float(t))
+            p[:, col] = transform(p[:, col], h.kind, a, b, invert)
     return p.astype(np.float32)

@@ -1,10 +1,10 @@
-"""A model folder's safe-output data: temperatures, conformal thresholds and the OOD gate.
+"""A model folder's safe-output data: calibration, conformal thresholds and the OOD gate.
 
 Stored through the model-folder contract (``medsig.models.artifact``): the ``calibration``
-(temperatures per head), ``conformal`` (``alpha`` / ``qhat`` per head) and ``ood`` (method,
-threshold, false-reject target) sections of ``medsig.json``, and the gate's statistics in
-``ood.safetensors``. Training writes them (``medsig.train.safety``); ``load_predictor``
-reads them, so serving and evaluation use the same numbers.
+(Platt / temperature parameters per head), ``conformal`` (``alpha`` / ``qhat`` per head)
+and ``ood`` (method, threshold, false-reject target) sections of ``medsig.json``, and the
+gate's statistics in ``ood.safetensors``. Training writes them (``medsig.train.safety``);
+``load_predictor`` reads them, so serving and evaluation use the same numbers.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from medsig.errors import ConfigError
-from medsig.models.calibration import apply_calibration, scale_probs
+from medsig.models.calibration import apply_calibration, transform
 from medsig.models.conformal import prediction_sets
 from medsig.models.heads import Head
 from medsig.models.ood import OodGate
@@ -26,7 +26,7 @@ OOD_FILE = "ood.safetensors"
 
 @dataclass
 class Safety:
-    calibration: dict[str, list[float]] = field(default_factory=dict)
+    calibration: dict[str, list[list[float]]] = field(default_factory=dict)  # [[a, b], ...]
     conformal: dict[str, dict[str, Any]] = field(default_factory=dict)
     ood: OodGate | None = None
     fitted_on: dict[str, Any] = field(default_factory=dict)
@@ -42,15 +42,14 @@ class Safety:
         return apply_calibration(heads, self.calibration, probs, invert=True)
 
     def calibrated_heads(self, heads: list[Any]) -> list[Head]:
-        """Heads with thresholds mapped through the temperatures: the same decisions on
+        """Heads with thresholds mapped through the calibration: the same decisions on
         calibrated probabilities as the saved thresholds on raw ones."""
         out = []
         for h in map(Head.of, heads):
-            temps = self.calibration.get(h.name)
-            if temps and h.kind != "multiclass" and h.thresholds:
-                h = h.with_thresholds([round(float(scale_probs(np.array([t]), "binary",
-                                                               float(temp))[0]), 6)
-                                       for t, temp in zip(h.thresholds, temps)],
+            pairs = self.calibration.get(h.name)
+            if pairs and h.kind != "multiclass" and h.thresholds:
+                h = h.with_thresholds([round(float(transform(np.array([t]), "binary", a, b)[0]),
+                                             6) for t, (a, b) in zip(h.thresholds, pairs)],
                                       h.threshold_rule)
             out.append(h)
         return out
@@ -75,8 +74,10 @@ class Safety:
 
         folder = Path(folder)
         art = Artifact.load(folder)
-        art.calibration = {"method": "temperature", "temperatures": self.calibration,
-                           "fitted_on": self.fitted_on}
+        art.calibration = {"method": "platt (sigmoid outputs) / temperature (multiclass)",
+                           "formula": "p' = sigmoid(a * logit(p) + b); multiclass "
+                                      "p' = softmax(a * log p)",
+                           "params": self.calibration, "fitted_on": self.fitted_on}
         art.conformal = {"score": "1 - probability of the true state / class",
                          "heads": self.conformal}
         art.ood = None
@@ -93,8 +94,8 @@ def load_safety(artifact: Any, folder: str | Path | None) -> Safety | None:
         return None
     try:
         cal = artifact.calibration or {}
-        temps = {str(k): [float(t) for t in v]
-                 for k, v in (cal.get("temperatures") or {}).items()}
+        temps = {str(k): [[float(a), float(b)] for a, b in v]
+                 for k, v in (cal.get("params") or {}).items()}
         conformal = dict((artifact.conformal or {}).get("heads") or {})
     except (ValueError, TypeError, AttributeError) as exc:
         raise ConfigError(f"medsig.json: unreadable calibration / conformal section: "

@@ -91,7 +91,7 @@ def not_assessed_summary(model_name: str, version: str, ood: OodResult) -> str:
 
 
 def head_infos(predictor: Any, heads: Sequence[Any]) -> list[HeadInfo]:
-    """/v1/labels entries with temperatures and conformal thresholds."""
+    """/v1/labels entries with calibration parameters and conformal thresholds."""
     safety = getattr(predictor, "safety", None)
     out = []
     for h in heads:
@@ -99,7 +99,7 @@ def head_infos(predictor: Any, heads: Sequence[Any]) -> list[HeadInfo]:
         if safety is not None:
             conf = safety.conformal.get(h.name) or {}
             info = info.model_copy(update={
-                "temperatures": safety.calibration.get(h.name),
+                "calibration": safety.calibration.get(h.name),
                 "alpha": conf.get("alpha"), "conformal_qhat": conf.get("qhat")})
         out.append(info)
     return out

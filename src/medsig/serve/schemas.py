@@ -163,8 +163,9 @@ class HeadInfo(_Model):
     classes: list[str]
     thresholds: list[float]
     threshold_rule: str | None = None
-    temperatures: list[float] | None = Field(None, description="Calibration temperature "
-                                             "per output (multiclass: one per head).")
+    calibration: list[list[float]] | None = Field(
+        None, description="Calibration (a, b) per output: p' = sigmoid(a·logit(p) + b) "
+                          "(Platt); multiclass: one pair, p' = softmax(a·log p).")
     alpha: float | None = Field(None, description="Conformal error rate.")
     conformal_qhat: list[float | None] | None = Field(
         None, description="Conformal score threshold per output (null: every class).")
