@@ -184,13 +184,13 @@ def model_safety(
                                                    "the OOD gate may refuse."),
     seed: int = typer.Option(0, help="Split seed when the spec has no split."),
 ) -> None:
-    """(Re)fit temperatures, conformal sets and the OOD gate of a model folder on its split
+    """(Re)fit calibration, conformal sets and the OOD gate of a model folder on its split
     (training does this already; use it for older folders or another alpha)."""
     from medsig.train.safety import fit_safety
 
     s = fit_safety(model, spec, alpha, false_reject, seed)
     gate = f"threshold {s.ood.threshold:.4f}" if s.ood is not None else "none"
-    console.print(f"{model}: temperatures for {len(s.calibration)} labels, conformal "
+    console.print(f"{model}: calibration for {len(s.calibration)} labels, conformal "
                   f"alpha {alpha} for {len(s.conformal)}, OOD gate {gate} "
                   f"(val false-reject target {false_reject:.0%})")
 
