@@ -227,3 +227,23 @@ def test_the_classifier_card_code_runs_and_gives_medsig_decisions(env, tmp_path,
         for score in decision["scores"]:
             assert f"'{score['name']}': ({round(score['probability'], 4)}, " \
                 f"{score['positive']})" in line
+
+
+def test_plain_torch_reproduces_the_probe_after_a_move(env) -> None:
+    """transformers (the recorded encoder, relative to the folder) + safetensors (the probe):
+    standardise, linear, sigmoid gives medsig's probabilities."""
+    from safetensors.torch import load_file
+    from transformers import AutoModel
+
+    from medsig.models.predictor import load_predictor
+
+    folder = env.folder["probe"]
+    meta = json.loads((folder / "medsig.json").read_text())
+    encoder = AutoModel.from_pretrained(folder / meta["encoder"])
+    weights = load_file(str(folder / "probe.safetensors"))
+    predictor = load_predictor(folder)
+    pixels = torch.stack([predictor.preprocess(load_image(p)) for p in env.images])
+    emb = torch.nn.functional.normalize(_image_features(encoder, pixels), dim=-1)
+    x = (emb - weights["mean"]) / weights["std"]
+    probs = torch.sigmoid(x @ weights["net.0.weight"].T + weights["net.0.bias"]).numpy()
+    np.testing.assert_allclose(probs, env.before["probe"], atol=1e-5)

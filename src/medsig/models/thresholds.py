@@ -131,7 +131,8 @@ def head_thresholds(heads: Sequence[Any], targets: Sequence[Any], probs: Any,
     ``targets[i]``: head i's (n, size) 0/1 targets (-1 missing, ``Head.onehot``); ``probs``:
     (n, K) probabilities of every head. Binary / multilabel outputs get ``choose_thresholds``
     under the head's rule ("youden", a minimum sensitivity, or {label: min sensitivity} with
-    Youden for the others); multiclass heads get none (argmax decides).
+    Youden for the others); multiclass heads get none (argmax decides). An output whose
+    targets hold one class keeps ``DEFAULT_THRESHOLD`` (no evidence for a cut-off).
     """
     probs = np.asarray(probs, dtype=np.float64)
     out = []
@@ -140,7 +141,9 @@ def head_thresholds(heads: Sequence[Any], targets: Sequence[Any], probs: Any,
             out.append(h.with_thresholds([], "argmax"))
             continue
         label_rule = rule.get(h.name, "youden") if isinstance(rule, Mapping) else rule
-        chosen = choose_thresholds(np.asarray(y), probs[:, h.cols], label_rule,
-                                   [h.name] * h.size)
+        y = np.asarray(y)
+        chosen = choose_thresholds(y, probs[:, h.cols], label_rule, [h.name] * h.size)
+        one_class = [len(set(y[y[:, j] >= 0, j].tolist())) < 2 for j in range(h.size)]
+        chosen = [DEFAULT_THRESHOLD if one else t for t, one in zip(chosen, one_class)]
         out.append(h.with_thresholds(chosen, rule_names(label_rule, [h.name])[0]))
     return out

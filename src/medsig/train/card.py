@@ -69,6 +69,7 @@ def _heads_table(art: Artifact) -> list[str]:
              "|---|---|---|---|---|"]
     for h in art.heads:
         th = ", ".join(f"{t:.3f}" for t in h.thresholds) if h.kind != "multiclass" else "argmax"
+        th = th or "0.5 (not tuned)"
         lines.append(f"| {h.name} | {h.kind} | {', '.join(h.classes)} | {th} | "
                      f"{h.threshold_rule or '-'} |")
     return lines
@@ -156,8 +157,17 @@ def usage(art: Artifact) -> list[str]:
                 'predictor = load_predictor("path/to/this/folder")', "```",
                 "", "`probe.safetensors` holds the probe (standardisation + linear / MLP); "
                 "its encoder is `" + art.encoder + "` (relative to this folder, or a hub id)."]
-    return ["```python", "from transformers import AutoModel, AutoProcessor",
-            'model = AutoModel.from_pretrained("path/to/this/folder")', "```"]
+    lines = ["```python", "from transformers import AutoModel, AutoProcessor", "",
+             'model = AutoModel.from_pretrained("path/to/this/folder")',
+             'processor = AutoProcessor.from_pretrained("path/to/this/folder")', "```"]
+    if art.preprocessing.mode == "pad":
+        lines += ["", "medsig zero-padded each image to a centred square (black) before "
+                  "resizing; the saved processor only resizes, so pad first for the same "
+                  "embeddings: `canvas = Image.new(\"RGB\", (side, side)); "
+                  "canvas.paste(img, ((side - img.width) // 2, (side - img.height) // 2))` "
+                  "with `side = max(img.size)`. `medsig.models.predictor.load_predictor` "
+                  "does this and gives the zero-shot probabilities from the saved prompts."]
+    return lines
 
 
 def render_card(art: Artifact, name: str = "model") -> str:
