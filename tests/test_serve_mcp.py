@@ -87,7 +87,7 @@ def _blank_png() -> bytes:
     return out.getvalue()
 
 
-@pytest.mark.slow  # ~30 s on a busy 2-core machine: a subprocess imports torch, loads the model
+@pytest.mark.slow  # 8 s idle, ~30 s on a busy 2-core machine (a subprocess loads torch)
 def test_medsig_serve_mcp_over_stdio(env) -> None:
     """`medsig serve --mcp` as a subprocess, through the SDK's stdio transport."""
     from mcp import Client, StdioServerParameters
