@@ -210,3 +210,17 @@ def test_web_page_shows_refusal_states_and_saliency(tmp_path_factory, tmp_path) 
     finally:
         driver.quit()
         server.stop()
+
+
+def test_wound_synth_writes_the_wound_region_masks(tmp_path) -> None:
+    """`medsig data synth wound` also writes masks/<id>.png: the region where the findings
+    are drawn (for the saliency checks)."""
+    from medsig.data.collection import load_collection
+    from medsig.data.synth import synthesize
+
+    spec = synthesize("wound", tmp_path / "w", n=6, seed=3, image_size=48)
+    col = load_collection(spec)
+    for rid, path in zip(col.ids, col.image_paths):
+        region = np.asarray(Image.open(spec.parent / "masks" / f"{rid}.png")) > 0
+        assert region.shape == Image.open(path).size[::-1]
+        assert 0.02 < region.mean() < 0.8
