@@ -11,11 +11,9 @@ Every output (binary, each multilabel class) or multiclass head gets a pair ``(a
   softmax has no single bias to move.
 
 ``(a, b)`` minimise the negative log-likelihood of the val targets (missing targets, -1,
-are ignored); ``b`` stays 0 for an output with fewer than 10 val positives or negatives
-(too few to estimate a base rate); ``(1, 0)`` when a head has no usable targets or fitting
-does not help. With ``a > 0`` the map is increasing: it keeps every ranking (AUC) and the
-argmax, maps each threshold to the one giving the same decisions, and is exactly
-invertible.
+are ignored); ``(1, 0)`` when a head has no usable targets or fitting does not help. With
+``a > 0`` the map is increasing: it keeps every ranking (AUC), the argmax, and maps each
+threshold to the one giving the same decisions; it is exactly invertible.
 """
 
 from __future__ import annotations
@@ -31,7 +29,6 @@ from medsig.models.heads import Head
 EPS = 1e-7
 IDENTITY = (1.0, 0.0)
 A_RANGE = (0.05, 20.0)
-MIN_PER_CLASS = 10  # val positives and negatives an output needs for a Platt intercept
 
 
 def _logit(p: np.ndarray) -> np.ndarray:
@@ -85,14 +82,11 @@ def fit_scaling(y: Any, p: Any, kind: str) -> tuple[float, float]:
         a, b = float(np.exp(res.x[0])), 0.0
     else:
         z = _logit(p)
-        # an intercept needs both classes well represented; else a temperature only
-        shift = (-20.0, 20.0) if min(int(y.sum()), int(len(y) - y.sum())) >= MIN_PER_CLASS \
-            else (0.0, 0.0)
 
         def loss(x: np.ndarray) -> float:
             return _nll(y, _sigmoid(np.exp(x[0]) * z + x[1]), kind)
 
-        res = minimize(loss, np.zeros(2), method="L-BFGS-B", bounds=[(lo, hi), shift])
+        res = minimize(loss, np.zeros(2), method="L-BFGS-B", bounds=[(lo, hi), (-20, 20)])
         a, b = float(np.exp(res.x[0])), float(res.x[1])
     better = _nll(y, transform(p, kind, a, b), kind) <= _nll(y, p, kind)
     return (round(a, 6), round(b, 6)) if better else IDENTITY
