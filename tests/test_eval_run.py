@@ -162,7 +162,7 @@ def test_report_files(env) -> None:
     page = (env.out / "report.html").read_text()
     assert "How to read this report" in md
     assert "diagnostic claim" in md and "group bootstrap" in md
-    assert "![" in md and all((env.out / p).is_file() for p in re.findall(r"\]\((.+?)\)", md))
+    assert "![" in md and all((env.out / p).is_file() for p in re.findall(r"\]\(([^#].*?)\)", md))
     assert "<script" not in page
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page)
     assert page.count("data:image/png;base64,") >= 5

@@ -168,7 +168,7 @@ def test_plain_transformers_reproduces_the_classifier_on_a_non_square_image(env)
     rng = np.random.default_rng(0)
     image = Image.fromarray((rng.random((128, 256, 3)) * 255).astype(np.uint8))
     predictor = load_predictor(folder)
-    ours = predictor.predict_pixels(predictor.preprocess(image)[None])[0]
+    ours = predictor.raw_probabilities(predictor.preprocess(image)[None])[0]  # before temperatures
     processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
     model = AutoModelForImageClassification.from_pretrained(folder).eval()
     with torch.no_grad():
@@ -220,7 +220,7 @@ def test_the_classifier_card_code_runs_and_gives_medsig_decisions(env, tmp_path,
     code = code.replace("path/to/this/folder", str(folder)).replace("image.png", str(image))
     exec(compile(code, "card", "exec"), {})  # noqa: S102 - the card's own lines
     printed = capsys.readouterr().out.splitlines()
-    predictor = load_predictor(folder)
+    predictor = load_predictor(folder, safe_outputs=False)  # the card shows raw probabilities
     probs = predictor.predict_pixels(predictor.preprocess(load_image(image))[None])[0]
     for line, decision in zip(printed, predictor.decide(probs)):
         assert line.startswith(decision["name"])
@@ -246,4 +246,5 @@ def test_plain_torch_reproduces_the_probe_after_a_move(env) -> None:
     emb = torch.nn.functional.normalize(_image_features(encoder, pixels), dim=-1)
     x = (emb - weights["mean"]) / weights["std"]
     probs = torch.sigmoid(x @ weights["net.0.weight"].T + weights["net.0.bias"]).numpy()
-    np.testing.assert_allclose(probs, env.before["probe"], atol=1e-5)
+    raw = predictor.raw_probabilities(pixels)  # medsig's, before its saved calibration
+    np.testing.assert_allclose(probs, raw, atol=1e-5)

@@ -55,6 +55,7 @@ def test_logistic_probe_round_trip_torch_and_sklearn(setup):
     emb = predictor.embed(_pixels(predictor, paths))
     x = (emb - saved["mean"]) / saved["std"]
     urgency = saved["estimators"]["urgency"][0].predict_proba(x)[:, 1]
+    probs = predictor.raw_probabilities(_pixels(predictor, paths))  # before temperatures
     assert np.allclose(urgency, probs[:, heads["urgency"]["offset"]], atol=1e-4)
     risk = saved["estimators"]["infection_risk"][0].predict_proba(x)
     assert np.allclose(risk, probs[:, mc["offset"]:mc["offset"] + mc["size"]], atol=1e-4)

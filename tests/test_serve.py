@@ -143,7 +143,7 @@ def test_health_and_labels(live, env) -> None:
     assert health["status"] == "ok" and health["search"] and not health["auth_required"]
     assert health["model"] == {"name": env.predictor.name, "version": env.predictor.version}
     labels = live.get("/v1/labels").json()
-    heads = env.meta["heads"]
+    heads = [h.to_dict() for h in env.predictor.heads]  # thresholds after the temperatures
     assert [h["name"] for h in labels["heads"]] == [h["name"] for h in heads]
     for got, want in zip(labels["heads"], heads):
         assert got["classes"] == want["classes"] and got["kind"] == want["kind"]
@@ -162,7 +162,9 @@ def test_predict_matches_the_model_and_thresholds(live, env) -> None:
     body = r.json()
     pixels = env.predictor.preprocess(load_image(path, draft_size=None))
     expected = np.asarray(env.predictor.predict_pixels(pixels[None]))[0]
-    heads = {h["name"]: h for h in env.meta["heads"]}
+    raw = np.asarray(env.predictor.raw_probabilities(pixels[None]))[0]
+    saved = {h["name"]: h for h in env.meta["heads"]}
+    heads = {h.name: h.to_dict() for h in env.predictor.heads}  # thresholds after temperatures
     assert [lab["name"] for lab in body["labels"]] == list(heads)
     for lab in body["labels"]:
         h = heads[lab["name"]]
@@ -172,9 +174,15 @@ def test_predict_matches_the_model_and_thresholds(live, env) -> None:
             t = h["thresholds"][0]
             assert lab["threshold"] == pytest.approx(t)
             assert lab["decision"] == h["classes"][int(lab["probability"] >= t)]
+            # calibration moves probability and threshold together: the same decision
+            raw_yes = raw[h["offset"]] >= saved[lab["name"]]["thresholds"][0]
+            assert lab["decision"] == h["classes"][int(raw_yes)]
             assert lab["probability_of"] == h["classes"][1]  # always P(positive state)
-            assert f"{lab['name']}: {lab['decision']} (P({h['classes'][1]}) = " \
-                f"{lab['probability']:.2f}" in body["summary"]
+            line = f"{lab['name']}: {lab['decision']} (P({h['classes'][1]}) = " \
+                f"{lab['probability']:.2f}"
+            if lab["state"] == "uncertain":
+                line = f"{lab['name']}: uncertain — needs review"
+            assert line in body["summary"]
         elif lab["kind"] == "multiclass":
             assert sum(probs) == pytest.approx(1.0, abs=1e-3)
             assert lab["decision"] == h["classes"][int(np.argmax(probs))]

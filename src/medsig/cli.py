@@ -158,6 +158,26 @@ def model_tiny(
     console.print(f"wrote {path}")
 
 
+@model_app.command("safety")
+def model_safety(
+    model: Path = typer.Argument(..., help="Model folder (medsig.json with heads)."),
+    spec: Path | None = typer.Option(None, help="Dataset spec (default: the model's)."),
+    alpha: float = typer.Option(0.1, help="Conformal error rate of every label."),
+    false_reject: float = typer.Option(0.05, help="Share of in-distribution val images "
+                                                   "the OOD gate may refuse."),
+    seed: int = typer.Option(0, help="Split seed when the spec has no split."),
+) -> None:
+    """(Re)fit calibration, conformal sets and the OOD gate of a model folder on its split
+    (training does this already; use it for older folders or another alpha)."""
+    from medsig.train.safety import fit_safety
+
+    s = fit_safety(model, spec, alpha, false_reject, seed)
+    gate = f"threshold {s.ood.threshold:.4f}" if s.ood is not None else "none"
+    console.print(f"{model}: calibration for {len(s.calibration)} labels, conformal "
+                  f"alpha {alpha} for {len(s.conformal)}, OOD gate {gate} "
+                  f"(val false-reject target {false_reject:.0%})")
+
+
 # -- index -----------------------------------------------------------------------------------
 @app.command("embed")
 def embed(

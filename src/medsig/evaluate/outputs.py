@@ -89,12 +89,20 @@ def compute_outputs(path: str, col: Collection, batch_size: int = 64, device: st
         res.zeroshot, class_text = zeroshot_all(encoder, col.subset(rows), res.image)
         main = main_label(col)
         res.class_text = class_text[main] if main is not None else None
+    if predictor is not None and getattr(predictor.safety, "ood", None) is not None:
+        from medsig.evaluate.safety import outlier_scores
+
+        res_outliers = outlier_scores(predictor)  # medsig.evaluate.safety
+    else:
+        res_outliers = None
     res.info = {"kind": encoder.kind, "objective": art.objective if art else None,
                 "folder_kind": art.kind if art else None,
                 "heads": [h.to_dict() for h in predictor.heads] if predictor is not None
                 else [],
                 "embed_dim": int(image.shape[1]), "skipped_images": dict(skipped),
                 "embed_seconds": round(time.perf_counter() - start, 3)}
+    if res_outliers is not None:
+        res.info["ood_outliers"] = res_outliers
     return res
 
 

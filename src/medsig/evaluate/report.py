@@ -17,6 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from medsig.evaluate.clinical import display_name
+from medsig.evaluate.clinical import report_blocks as clinical_blocks
+
 Block = tuple[Any, ...]
 
 HOW_TO_READ = [
@@ -224,7 +227,7 @@ def _per_label_table(metrics: dict[str, Any], task: str, keys: Sequence[tuple[st
         for title, path in keys:
             vals = [fmt(_get(res, m, "labels", label, *path.split("/"))) for m in models]
             if any(v != "–" for v in vals):
-                rows.append([label, title, *vals])
+                rows.append([display_name(label), title, *vals])
     blocks: list[Block] = []
     if rows:
         blocks.append(("table", ["label", "metric", *models], rows))
@@ -355,6 +358,7 @@ def build_blocks(metrics: dict[str, Any], figures: bool = True) -> list[Block]:
         ("h", 2, "How to read this report"), ("ul", HOW_TO_READ),
     ]
     blocks += headline_section(metrics)
+    blocks += clinical_blocks(metrics)  # PPV / NPV at the saved thresholds, prevalence
     for task, title, keys in (("classification", "Classification (per label)",
                                CLASSIFICATION_KEYS),
                               ("zeroshot", "Zero-shot classification", ZEROSHOT_KEYS),
@@ -363,6 +367,9 @@ def build_blocks(metrics: dict[str, Any], figures: bool = True) -> list[Block]:
             blocks += [("h", 2, title), *_per_label_table(metrics, task, keys)]
     if "retrieval" in metrics:
         blocks += retrieval_section(metrics)
+    from medsig.evaluate.safety import report_blocks
+
+    blocks += report_blocks(metrics, figures)  # calibration, conformal, OOD
     blocks += subgroup_section(metrics)
     blocks += leakage_section(metrics)
     if figures:
@@ -370,7 +377,19 @@ def build_blocks(metrics: dict[str, Any], figures: bool = True) -> list[Block]:
             + tsne_figure(metrics)
         if figs:
             blocks += [("h", 2, "Figures"), *figs]
-    return blocks
+    return with_contents(blocks)
+
+
+def with_contents(blocks: list[Block]) -> list[Block]:
+    """A table of contents (every level-2 heading) after the report's first paragraph."""
+    titles = [b[2] for b in blocks if b[0] == "h" and b[1] == 2]
+    at = next((i + 1 for i, b in enumerate(blocks) if b[0] == "p"), 1)
+    return blocks[:at] + [("h", 2, "Contents"), ("toc", titles)] + blocks[at:]
+
+
+def anchor(title: str) -> str:
+    """The GitHub-style anchor of a heading (also the id the HTML report gives it)."""
+    return re.sub(r"\s", "-", re.sub(r"[^\w\s-]", "", title.strip().lower()))
 
 
 # -- rendering ---------------------------------------------------------------------------------
@@ -387,6 +406,8 @@ def render_markdown(blocks: list[Block], fig_dir: str = "figures") -> str:
             out.append(b[1])
         elif b[0] == "ul":
             out.append("\n".join(f"- {x}" for x in b[1]))
+        elif b[0] == "toc":
+            out.append("\n".join(f"- [{t}](#{anchor(t)})" for t in b[1]))
         elif b[0] == "table":
             cell = [[str(c).replace("|", "\\|") for c in r] for r in [b[1], *b[2]]]
             lines = ["| " + " | ".join(cell[0]) + " |", "|" + "---|" * len(cell[0])]
@@ -421,7 +442,10 @@ def render_html(blocks: list[Block], title: str) -> str:
 
     for b in blocks:
         if b[0] == "h":
-            out.append(f"<h{b[1]}>{esc(b[2])}</h{b[1]}>")
+            out.append(f"<h{b[1]} id='{esc(anchor(b[2]))}'>{esc(b[2])}</h{b[1]}>")
+        elif b[0] == "toc":
+            out.append("<ul class='toc'>" + "".join(
+                f"<li><a href='#{esc(anchor(t))}'>{esc(t)}</a></li>" for t in b[1]) + "</ul>")
         elif b[0] == "p":
             out.append(f"<p>{inline(b[1])}</p>")
         elif b[0] == "ul":

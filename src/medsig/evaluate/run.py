@@ -21,6 +21,7 @@ from medsig.data.collection import Collection, load_collection
 from medsig.data.duplicates import DEFAULT_THRESHOLD, cross_split_duplicates
 from medsig.errors import ConfigError, DataError
 from medsig.evaluate import TASKS  # re-exported: medsig.evaluate.run.TASKS
+from medsig.evaluate.clinical import clinical_tables
 from medsig.evaluate.leakage import leakage_report
 from medsig.evaluate.outputs import (  # noqa: F401 (the public names of evaluate.run)
     compute_outputs,
@@ -28,6 +29,7 @@ from medsig.evaluate.outputs import (  # noqa: F401 (the public names of evaluat
     model_outputs,
     zeroshot_all,
 )
+from medsig.evaluate.safety import safe_outputs
 from medsig.evaluate.statistics import NOT_RECORDED, subgroup_tables, validity
 from medsig.evaluate.tasks import (
     Headlines,
@@ -142,6 +144,8 @@ def evaluate(spec: str | Path, models: dict[str, str], tasks: Sequence[str] = TA
     roc: dict[str, Any] = {"classification": {}, "zeroshot": {}}
     curves: dict[str, Any] = {"roc": roc, "recall_at_k": {}}
     results: dict[str, Any] = {t: {} for t in tasks}
+    safe: dict[str, Any] = {}
+    clinical: dict[str, Any] = {}
     for m, o in outputs.items():
         if "classification" in tasks:
             results["classification"][m] = classification(col, o, hl, m, roc["classification"])
@@ -152,6 +156,9 @@ def evaluate(spec: str | Path, models: dict[str, str], tasks: Sequence[str] = TA
                                                 batchwise_size, seed)
         if "clustering" in tasks:
             results["clustering"][m] = clustering(col, o, hl, m, seed)
+        if "classification" in tasks:  # calibration, conformal, OOD (evaluate/safety.py)
+            safe[m] = safe_outputs(col, o, models[m])
+            clinical[m] = clinical_tables(col, o, n_boot, seed)  # evaluate/clinical.py
     headline, paired, winners = validity(hl, list(models), col.groups, n_boot, seed)
     curves["tsne"] = _tsne(col, outputs, seed)
     metrics = clean_json({
@@ -163,7 +170,8 @@ def evaluate(spec: str | Path, models: dict[str, str], tasks: Sequence[str] = TA
                                                   if k != "heads"}}
                    for m, o in outputs.items()},
         "leakage": leakage, **results, "headline": headline, "paired": paired,
-        "winners": winners, "subgroups": subgroup_tables(col, list(subgroups or []), hl),
+        "winners": winners, "safe_outputs": safe, "clinical": clinical,
+        "subgroups": subgroup_tables(col, list(subgroups or []), hl),
         "curves": curves, "seconds": round(time.perf_counter() - started, 2),
     })
     if out_dir is not None:

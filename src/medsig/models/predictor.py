@@ -61,6 +61,10 @@ class Predictor:
         self.objective = artifact.objective
         self.kind = artifact.kind
         self.folder: Path | None = None  # the model folder, when loaded from one
+        self.safety: Any = None  # medsig.models.safety.Safety, attached by load_predictor
+
+    def _calibrated(self, probs: np.ndarray) -> np.ndarray:
+        return probs if self.safety is None else self.safety.calibrate(self.heads, probs)
 
     @property
     def meta(self) -> dict[str, Any]:
@@ -68,10 +72,15 @@ class Predictor:
         return self.artifact.to_dict()
 
     @torch.inference_mode()
-    def predict_pixels(self, pixels: torch.Tensor) -> np.ndarray:
+    def raw_probabilities(self, pixels: torch.Tensor) -> np.ndarray:
+        """Head probabilities before calibration."""
         if len(pixels) == 0:
             return np.zeros((0, total_outputs(self.heads)), np.float32)
         return self._forward(pixels).float().cpu().numpy()
+
+    def predict_pixels(self, pixels: torch.Tensor) -> np.ndarray:
+        """Head probabilities (calibrated when the folder has temperatures)."""
+        return self._calibrated(self.raw_probabilities(pixels))
 
     @property
     def uses_embeddings(self) -> bool:
@@ -84,7 +93,7 @@ class Predictor:
         if self._from_embeddings is None:
             raise ConfigError(f"{self.objective} predictions need pixels, not embeddings")
         x = torch.as_tensor(np.asarray(emb), dtype=torch.float32)
-        return self._from_embeddings(x).float().cpu().numpy()
+        return self._calibrated(self._from_embeddings(x).float().cpu().numpy())
 
     def embed(self, pixels: torch.Tensor) -> np.ndarray:
         """L2-normalised image embeddings (the encoder the predictions come from)."""
@@ -126,9 +135,10 @@ def load_encoder(model: str | Path, device: str | None = None,
 
 
 def load_predictor(model: str | Path, device: str | None = None, spec: str | Path | None = None,
-                   labels: Sequence[str] | None = None) -> Predictor:
+                   labels: Sequence[str] | None = None, safe_outputs: bool = True) -> Predictor:
     """A Predictor for a medsig model folder of any kind, or zero-shot for an image-text
-    checkpoint (hub id or folder) with a dataset spec."""
+    checkpoint (hub id or folder) with a dataset spec. ``safe_outputs``: apply the folder's
+    calibration and attach its conformal / OOD data (``medsig.models.safety``)."""
     folder = Path(model) if Path(model).is_dir() else None
     artifact = Artifact.find(folder) if folder is not None else None
     if artifact is None:
@@ -144,6 +154,12 @@ def load_predictor(model: str | Path, device: str | None = None, spec: str | Pat
     else:
         predictor = _zeroshot(str(model), encoder, artifact, name, version, spec, labels)
     predictor.folder = folder.resolve() if folder is not None else None
+    if safe_outputs and spec is None and labels is None:  # they belong to the saved heads
+        from medsig.models.safety import load_safety
+
+        predictor.safety = load_safety(artifact, folder)
+        if predictor.safety is not None:
+            predictor.heads = predictor.safety.calibrated_heads(predictor.heads)
     return predictor
 
 

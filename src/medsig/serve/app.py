@@ -25,12 +25,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from medsig.data.images import RootedPath, inside_root
 from medsig.errors import ConfigError, ImageError, MedsigError
 from medsig.index.store import point_id
+from medsig.models.ood import is_blank
+from medsig.serve import safe
 from medsig.serve import schemas as S
 from medsig.serve.batching import QueueFull
 from medsig.serve.limits import ConcurrencyLimit
 from medsig.serve.security import ApiError, Upload, api_key_dependency, read_upload, sniff_image
 from medsig.serve.state import ServeSettings, ServeState, load_state, resolve_image, scrub_paths
-from medsig.serve.summary import case_labels, head_info, label_results, same_image, summarize
+from medsig.serve.summary import case_labels, label_results, same_image, summarize
 
 log = logging.getLogger("medsig.serve")
 STATIC = Path(__file__).parent / "static"
@@ -128,18 +130,18 @@ def _decode(state: ServeState, data: bytes, preprocess: Any, size: int | None) -
     from medsig.data.images import load_image
 
     image = load_image(data, max_pixels=state.settings.max_pixels, draft_size=size)
-    return preprocess(image)
+    return preprocess(image), is_blank(image)
 
 
 async def _pixels(state: ServeState, data: bytes, preprocess: Any, size: int | None
-                  ) -> tuple[Any, str, float]:
+                  ) -> tuple[Any, str, float, bool]:
     if len(data) > state.settings.max_upload_bytes:
         raise ApiError(413, "too_large", f"upload exceeds {state.settings.max_upload_bytes} "
                                          "bytes")
     fmt = sniff_image(data)
     start = time.perf_counter()
-    pixels = await run_in_threadpool(_decode, state, data, preprocess, size)
-    return pixels, fmt, (time.perf_counter() - start) * 1000
+    pixels, blank = await run_in_threadpool(_decode, state, data, preprocess, size)
+    return pixels, fmt, (time.perf_counter() - start) * 1000, blank
 
 
 def _timing(start: float, decode_ms: float, info: Any) -> S.Timing:
@@ -182,11 +184,61 @@ def _embedder(state: ServeState):
     return state.embedder
 
 
+async def assess(state: ServeState, data: bytes, explain: bool = False) -> S.PredictResponse:
+    """The /v1/predict answer for one image (also the MCP tool's): calibrated findings,
+    conformal states, and none at all when the OOD gate refuses the image."""
+    start = time.perf_counter()
+    predictor = state.predictor
+    pixels, fmt, decode_ms, blank = await _pixels(state, data, predictor.preprocess,
+                                                  getattr(predictor.preprocess, "size", None))
+    row, info = await state.batcher("predict", safe.outputs_fn(predictor)).submit(pixels)
+    row = np.asarray(row)
+    probs = row[:-1]
+    ood = safe.ood_result(predictor, float(row[-1]), blank)
+    results = safe.with_sets(predictor, state.heads, label_results(state.heads, probs), probs)
+    status = safe.status_of(results, ood)
+    if status == "not_assessed":
+        results, summary = [], safe.not_assessed_summary(state.model.name, state.model.version,
+                                                         ood)  # type: ignore[arg-type]
+    else:
+        summary = summarize(results, state.model.name, state.model.version)
+        if explain:
+            results = await asyncio.get_running_loop().run_in_executor(
+                state.executor,
+                partial(safe.explain, predictor, state.heads, pixels, results, probs))
+    return S.PredictResponse(model=state.model, status=status, ood=ood, labels=results,
+                             summary=summary, image=S.ImageInfo(format=fmt, bytes=len(data)),
+                             timing=_timing(start, decode_ms, info))
+
+
+async def find_similar(state: ServeState, data: bytes | None, text: str | None, k: int,
+                       where: list[str], using: str, start: float | None = None
+                       ) -> S.SearchResponse:
+    """The /v1/search answer (also the MCP tool's): the k nearest indexed cases."""
+    start = time.perf_counter() if start is None else start
+    if state.store is None:
+        raise ApiError(404, "not_configured", "search is off: start the server with "
+                                              "--store and --collection")
+    vector, decode_ms, info = await _embed(state, data, text)
+    flt = _filter(where)
+    if using not in state.vector_names:
+        raise ApiError(422, "invalid_field", f"the index has no '{using}' vectors")
+    try:
+        hits = await asyncio.get_running_loop().run_in_executor(
+            state.store_executor, partial(state.store.search, vector, using, k, flt))
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ApiError(422, "invalid_filter", f"filter rejected: {str(exc)[:160]}") from None
+    return S.SearchResponse(
+        query="text" if data is None else "image", collection=state.store.collection, k=k,
+        where=where, hits=[_hit(state, rank, h, data is not None)
+                           for rank, h in enumerate(hits, 1)],
+        timing=_timing(start, decode_ms, info))
+
+
 # -- routes ----------------------------------------------------------------------------------
 def _add_routes(app: FastAPI, state: ServeState, auth: list) -> None:  # noqa: C901
     settings = state.settings
     predictor = state.predictor
-    size = getattr(predictor.preprocess, "size", None)
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
@@ -205,25 +257,21 @@ def _add_routes(app: FastAPI, state: ServeState, auth: list) -> None:  # noqa: C
              responses=ERRORS, tags=["model"])
     async def labels() -> S.LabelsResponse:
         """The model's heads: classes (readable states) and saved thresholds."""
-        return S.LabelsResponse(model=state.model, heads=[head_info(h) for h in state.heads])
+        return S.LabelsResponse(model=state.model, heads=safe.head_infos(predictor, state.heads),
+                                ood=safe.ood_info(predictor))
 
     @app.post("/v1/predict", response_model=S.PredictResponse, dependencies=auth,
               responses=ERRORS, tags=["model"],
-              openapi_extra=_body(["file"], {"file": _IMAGE_PART}))
+              openapi_extra={**_body(["file"], {"file": _IMAGE_PART}), "parameters": [
+                  {"name": "explain", "in": "query", "required": False,
+                   "schema": {"type": "boolean", "default": False},
+                   "description": "Add a saliency overlay (base64 PNG) per label."}]})
     async def predict(request: Request) -> S.PredictResponse:
-        """Per-label probabilities and decisions at the saved thresholds, and a summary."""
-        start = time.perf_counter()
+        """Per-label probabilities, decisions at the saved thresholds, conformal states, the
+        out-of-distribution gate and a summary."""
         upload = await read_upload(request, settings.max_upload_bytes)
-        data = _require_file(upload)
-        pixels, fmt, decode_ms = await _pixels(state, data, predictor.preprocess, size)
-        batcher = state.batcher("predict", predictor.predict_pixels)
-        probs, info = await batcher.submit(pixels)
-        results = label_results(state.heads, np.asarray(probs))
-        return S.PredictResponse(
-            model=state.model, labels=results,
-            summary=summarize(results, state.model.name, state.model.version),
-            image=S.ImageInfo(format=fmt, bytes=len(data)),
-            timing=_timing(start, decode_ms, info))
+        explain = request.query_params.get("explain", "false").lower() in ("1", "true", "yes")
+        return await assess(state, _require_file(upload), explain)
 
     search_props = {"file": _IMAGE_PART, "text": {"type": "string", "maxLength": 2000},
                     "k": {"type": "integer", "minimum": 1, "maximum": settings.max_k,
@@ -254,22 +302,7 @@ def _add_routes(app: FastAPI, state: ServeState, auth: list) -> None:  # noqa: C
             if (upload.file is None) == (text is None):
                 raise ApiError(422, "missing_field",
                                "send exactly one of the form fields 'file' or 'text'")
-        vector, decode_ms, info = await _embed(state, upload.file, text)
-        flt = _filter(where)
-        if using not in state.vector_names:
-            raise ApiError(422, "invalid_field", f"the index has no '{using}' vectors")
-        try:
-            hits = await asyncio.get_running_loop().run_in_executor(
-                state.store_executor, partial(state.store.search, vector, using, k, flt))
-        except (ValueError, TypeError, KeyError) as exc:
-            raise ApiError(422, "invalid_filter", f"filter rejected: {str(exc)[:160]}"
-                           ) from None
-        return S.SearchResponse(
-            query="text" if upload.file is None else "image",
-            collection=state.store.collection, k=k, where=where,
-            hits=[_hit(state, rank, h, upload.file is not None)
-                  for rank, h in enumerate(hits, 1)],
-            timing=_timing(start, decode_ms, info))
+        return await find_similar(state, upload.file, text, k, where, using, start)
 
     @app.post("/v1/embed", response_model=S.EmbedResponse, dependencies=auth,
               responses={**ERRORS, 404: {"model": S.ErrorResponse}}, tags=["search"],
@@ -324,7 +357,7 @@ async def _embed(state: ServeState, data: bytes | None, text: str | None
                  ) -> tuple[np.ndarray, float, Any]:
     emb = _embedder(state)
     if data is not None:
-        pixels, _, decode_ms = await _pixels(state, data, emb.preprocess, emb.image_size)
+        pixels, _, decode_ms, _ = await _pixels(state, data, emb.preprocess, emb.image_size)
         row, info = await state.batcher("embed_image", emb.image).submit(pixels)
         return np.asarray(row, dtype=np.float32), decode_ms, info
     if emb.text is None:

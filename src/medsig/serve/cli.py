@@ -38,12 +38,12 @@ def serve(
     precision: str = typer.Option("auto", help="auto (bf16 on CUDA, fp16 without bf16, fp32 "
                                                "on CPU) | fp32 | bf16 | fp16."),
     log_level: str = typer.Option("info", help="uvicorn log level."),
+    mcp: bool = typer.Option(False, "--mcp", help="Serve the assessment as Model Context "
+                                                  "Protocol tools on stdio (for an LLM "
+                                                  "orchestrator) instead of HTTP."),
 ) -> None:
     """Serve predictions, similar cases and a web page (API key: env MEDSIG_API_KEY)."""
-    import uvicorn
-
     from medsig.models.device import set_default_precision
-    from medsig.serve.app import create_app
     from medsig.serve.state import ServeSettings
 
     set_default_precision(precision)
@@ -52,6 +52,15 @@ def serve(
         max_pixels=int(max_megapixels * 1_000_000), batching=batching, max_batch=max_batch,
         max_wait_ms=max_wait_ms, cors_origins=list(cors_origin or []), image_root=image_root,
         device=device, max_concurrency=max_concurrent, max_queue=max_queue)
+    if mcp:  # stdout carries the protocol: nothing else may be printed there
+        from medsig.serve.mcp import run_stdio
+
+        run_stdio(model, store, collection, settings)
+        return
+    import uvicorn
+
+    from medsig.serve.app import create_app
+
     app = create_app(model, store=store, collection=collection, settings=settings)
     if not settings.api_key and not _is_loopback(host):
         console.print(f"[yellow]warning:[/] listening on {host} without an API key; set "

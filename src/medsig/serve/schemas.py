@@ -48,6 +48,22 @@ class LabelResult(_Model):
     present: list[str] = Field(description="Decided class(es); empty when none.")
     scores: list[ClassScore] = Field(
         description="One bar per output: binary 1, multiclass / multilabel one per class.")
+    # -- safe outputs (medsig.serve.safe); null when the model folder has none -------------
+    state: Literal["confident", "uncertain"] | None = Field(
+        None, description="Conformal state: `uncertain` (needs review) when the prediction "
+                          "set does not hold exactly one state / class (multilabel: for any "
+                          "class); null without conformal data.")
+    conformal_set: list[str] | None = Field(
+        None, description="Split-conformal prediction set at error rate `alpha` (it holds "
+                          "the true state / class for >= 1 - alpha of images like the val "
+                          "split). Binary: the plausible states; multiclass: the plausible "
+                          "classes; multilabel: the classes whose set is only `present`.")
+    uncertain_classes: list[str] | None = Field(
+        None, description="Multilabel: the classes whose conformal set is not one state.")
+    alpha: float | None = Field(None, description="Conformal error rate of this label.")
+    saliency_png: str | None = Field(
+        None, description="With `explain=true`: base64 PNG of the image with a heat map "
+                          "(Grad-CAM) of where this label's score came from.")
 
 
 class Timing(_Model):
@@ -62,9 +78,25 @@ class ImageInfo(_Model):
     bytes: int
 
 
+class OodResult(_Model):
+    score: float = Field(description="How unlike the train split's embeddings the image's "
+                                     "is (see /v1/labels `ood.method`; higher: more unlike).")
+    threshold: float = Field(description="Chosen on val at the saved false-reject rate.")
+    flagged: bool = Field(description="Score above the threshold (or a blank image): the "
+                                      "image is not assessed and `labels` is empty.")
+    blank: bool = Field(False, description="The image is (nearly) uniform: refused "
+                                           "whatever its score.")
+
+
 class PredictResponse(_Model):
     model: ModelInfo
-    labels: list[LabelResult]
+    status: Literal["assessed", "uncertain", "not_assessed"] = Field(
+        "assessed", description="`not_assessed`: unlike the images this model was trained "
+                                "on (see `ood`), no findings are given; `uncertain`: at "
+                                "least one label is uncertain — needs review.")
+    ood: OodResult | None = Field(None, description="Out-of-distribution gate; null when "
+                                                    "the model folder has none.")
+    labels: list[LabelResult] = Field(description="Empty when `status` is `not_assessed`.")
     summary: str = Field(description="Plain-text findings for an LLM prompt, with a caveat.")
     image: ImageInfo
     timing: Timing
@@ -131,11 +163,26 @@ class HeadInfo(_Model):
     classes: list[str]
     thresholds: list[float]
     threshold_rule: str | None = None
+    calibration: list[list[float]] | None = Field(
+        None, description="Calibration (a, b) per output: p' = sigmoid(a·logit(p) + b) "
+                          "(Platt); multiclass: one pair, p' = softmax(a·log p).")
+    alpha: float | None = Field(None, description="Conformal error rate.")
+    conformal_qhat: list[float | None] | None = Field(
+        None, description="Conformal score threshold per output (null: every class).")
+
+
+class OodInfo(_Model):
+    method: str
+    threshold: float
+    false_reject_target: float = Field(description="Share of in-distribution val images "
+                                                   "the threshold refuses.")
+    n_reference: int
 
 
 class LabelsResponse(_Model):
     model: ModelInfo
     heads: list[HeadInfo]
+    ood: OodInfo | None = Field(None, description="The OOD gate; null when absent.")
 
 
 class HealthResponse(_Model):

@@ -49,6 +49,13 @@ def _p(name: str, p: float) -> str:
 
 def finding(lab: LabelResult) -> str:
     """One finding: the decided state, then the probability of a named state."""
+    if lab.state == "uncertain":  # conformal set of several states (medsig.serve.safe)
+        if lab.kind == "multilabel":
+            unsure = ", ".join(lab.uncertain_classes or [])
+            return f"uncertain — needs review (unsure about: {unsure})"
+        plausible = " or ".join(lab.conformal_set or []) or "none of the states"
+        return (f"uncertain — needs review (plausible: {plausible}; "
+                f"{_p(lab.probability_of, lab.probability)})")
     if lab.kind == "binary":
         side = "at or above" if lab.present else "below"
         return (f"{lab.decision} ({_p(lab.probability_of, lab.probability)}, {side} the "

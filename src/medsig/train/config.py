@@ -119,6 +119,9 @@ class EvalConfig:
     patience: int | None = None  # early stopping: evaluations without improvement
     thresholds: Any = "youden"  # "youden" or {label: minimum sensitivity}
     at_start: bool = True  # evaluate before the first step
+    safe_outputs: bool = True  # fit temperatures, conformal sets and the OOD gate (val)
+    alpha: Any = 0.1  # conformal error rate: one value or {label: alpha}
+    ood_false_reject: float = 0.05  # share of in-distribution val images the gate refuses
 
 
 @dataclass
@@ -509,6 +512,7 @@ def validate(cfg: TrainConfig, where: str | None = None) -> None:
         raise ConfigError("set adapt.unfreeze_last_n_layers or adapt.unfreeze_fraction, "
                           "not both", file=where)
     _validate_thresholds(e.thresholds, where)
+    _validate_safe_outputs(e, where)
     if cfg.data.oversample is not None:
         extra = set(cfg.data.oversample) - {"label", "min_count"}
         if extra or "label" not in cfg.data.oversample:
@@ -526,6 +530,17 @@ def _validate_thresholds(value: Any, where: str | None) -> None:
         if isinstance(sens, bool) or not isinstance(sens, (int, float)) or not 0 < sens <= 1:
             raise ConfigError(f"eval.thresholds.{label} must be a sensitivity in (0, 1], "
                               f"got {sens!r}", file=where)
+
+
+def _validate_safe_outputs(e: EvalConfig, where: str | None) -> None:
+    alphas = e.alpha.items() if isinstance(e.alpha, dict) else [("", e.alpha)]
+    for label, a in alphas:
+        if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 < a < 1:
+            key = f"eval.alpha.{label}" if label else "eval.alpha"
+            raise ConfigError(f"{key} must be an error rate in (0, 1), got {a!r}", file=where)
+    f = e.ood_false_reject
+    if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f < 1:
+        raise ConfigError(f"eval.ood_false_reject must be in (0, 1), got {f!r}", file=where)
 
 
 def dump_config(cfg: TrainConfig, path: str | Path) -> Path:

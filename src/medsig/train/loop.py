@@ -476,6 +476,11 @@ def _finish(cfg: TrainConfig, data: TrainData, objective: Objective, accelerator
     write_outputs(out, build_artifact(cfg, out, data.collection, data.counts, extras["heads"],
                                       objective.preprocess, prompts=extras["prompts"],
                                       metrics=metrics, training=training))
+    if cfg.eval.safe_outputs and extras["heads"]:  # medsig.train.safety
+        from medsig.train.safety import fit_safety
+
+        fit_safety(out, cfg.spec, cfg.eval.alpha, cfg.eval.ood_false_reject, cfg.seed,
+                   cfg.optim.batch_size, str(accelerator.device))
     _say(accelerator, f"saved {out} ({state.step} steps, {seconds:.1f} s)")
     return out
 

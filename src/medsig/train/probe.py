@@ -233,6 +233,11 @@ def train_probe(config: TrainConfig | dict | str | Path, model: str | Path | Non
     _save(cfg, out_dir, net, estimators, mean, std, info, head_info, metrics, collection,
           encoder, time.perf_counter() - started, skipped, split_note,
           {"train": len(train_rows), "val": len(val_rows)})
+    if cfg.eval.safe_outputs:  # temperatures, conformal sets, OOD gate (medsig.train.safety)
+        from medsig.train.safety import fit_safety
+
+        fit_safety(out_dir, cfg.spec, cfg.eval.alpha, cfg.eval.ood_false_reject, cfg.seed,
+                   cfg.optim.batch_size, None if cfg.device == "auto" else cfg.device)
     return out_dir
 
 

@@ -219,3 +219,10 @@ def maybe_missing(rng: np.random.Generator, value: str, rate: float) -> str:
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     """Write rows as CSV (every value a string; "MISSING" kept literally)."""
     pd.DataFrame(rows).to_csv(path, index=False, lineterminator="\n")
+
+
+def write_mask(path: Path, region: np.ndarray) -> None:
+    """A boolean (size, size) region as a 1-bit PNG (the finding's mask, for saliency
+    checks); the folder is made on first use."""
+    path.parent.mkdir(exist_ok=True)
+    Image.fromarray(np.asarray(region, dtype=bool)).save(path, optimize=True)

@@ -29,6 +29,7 @@ from medsig.data.synth._draw import (
     skin_tone,
     smooth_noise,
     write_csv,
+    write_mask,
 )
 
 KIND = 2
@@ -156,7 +157,7 @@ def render(lab: dict[str, str], site: str, fitz: str, closure: str,
         paint(img, mask(size, lambda d: d.rectangle(box, fill=255), 1.0), jitter(rng, c, 8))
     light = lighting(rng, size, 0.2, 0.15)
     out = finish(img, rng, light, noise=rng.uniform(1.5, 4.0), blur=rng.uniform(0, 0.8))
-    return out
+    return out, mask(size, line(size * 0.22)) > 0.5  # the wound region (findings drawn there)
 
 
 def _closure(img: np.ndarray, rng: np.random.Generator, closure: str, p: np.ndarray,
@@ -245,8 +246,9 @@ def build(out: Path, n: int, seed: int, size: int) -> dict[str, Any]:
                 break
             i = len(rows)
             irng = rng_for(seed, KIND, 2, i)
-            img = render(lab, site, fitz, closure, irng, size)
+            img, region = render(lab, site, fitz, closure, irng, size)
             image_id = f"wound{i:05d}"
+            write_mask(out / "masks" / f"{image_id}.png", region)
             (out / "images" / f"{image_id}.jpg").write_bytes(
                 jpeg_bytes(img, int(irng.integers(60, 96))))
             row = {"image_id": image_id, "image_path": f"{image_id}.jpg", **base,

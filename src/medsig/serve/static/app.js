@@ -72,9 +72,27 @@ function renderLabels(labels) {
     const head = el("div", "label-head");
     head.append(el("span", "name", lab.name));
     const positive = lab.kind !== "multiclass" && lab.present.length > 0;
-    head.append(el("span", "decision" + (positive ? " positive" : ""), lab.decision));
+    if (lab.state === "uncertain") {
+      head.append(el("span", "decision uncertain", "uncertain — needs review"));
+    } else {
+      head.append(el("span", "decision" + (positive ? " positive" : ""), lab.decision));
+    }
     card.append(head);
     card.append(el("div", "explain muted", explain(lab)));
+    if (lab.conformal_set !== null && lab.conformal_set !== undefined) {
+      const what = lab.kind === "multilabel" ? "present for sure" : "plausible";
+      const set = lab.conformal_set.length ? lab.conformal_set.join(", ") : "none";
+      card.append(el("div", "conformal muted",
+        `${what} (conformal, α = ${lab.alpha}): ${set}` +
+        (lab.uncertain_classes && lab.uncertain_classes.length
+          ? ` · unsure: ${lab.uncertain_classes.join(", ")}` : "")));
+    }
+    if (lab.saliency_png) {
+      const img = el("img", "saliency");
+      img.alt = `where the model looked for ${lab.name}`;
+      img.src = `data:image/png;base64,${lab.saliency_png}`;
+      card.append(img);
+    }
     for (const s of lab.scores) {
       const row = el("div", "row");
       row.append(el("span", "cls", `P(${s.name})`));
@@ -152,7 +170,14 @@ async function analyse(file) {
   const form = new FormData();
   form.append("file", file);
   try {
-    const result = await api("/v1/predict", { method: "POST", body: form });
+    const query = $("#explain").checked ? "?explain=true" : "";
+    const result = await api(`/v1/predict${query}`, { method: "POST", body: form });
+    const verdict = $("#verdict");
+    verdict.hidden = result.status === "assessed";
+    verdict.className = `verdict ${result.status}`;
+    verdict.textContent = result.status === "not_assessed"
+      ? "Unlike the images this model was trained on: not assessed."
+      : "Uncertain — needs review: at least one label has more than one plausible answer.";
     renderLabels(result.labels);
     $("#summary").textContent = result.summary;
     $("#results").hidden = false;

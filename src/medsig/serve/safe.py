@@ -1,0 +1,127 @@
+"""Safe outputs in serving: calibrated probabilities (already in the predictor), conformal
+states per label, the OOD gate and saliency maps (``explain=true``).
+
+The predict batcher runs ``outputs_fn``: one row per image = the head probabilities and,
+last, the OOD score (NaN without a gate), so the encoder runs once for probes and zero-shot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from medsig.models.ood import NOT_ASSESSED
+from medsig.serve.schemas import HeadInfo, LabelResult, OodInfo, OodResult
+from medsig.serve.summary import head_info
+
+UNCERTAIN = "uncertain — needs review"
+
+
+def outputs_fn(predictor: Any) -> Callable[[Any], np.ndarray]:
+    """pixels -> (n, K + 1): calibrated probabilities and the OOD score."""
+    safety = getattr(predictor, "safety", None)
+    gate = getattr(safety, "ood", None)
+
+    def run(pixels: Any) -> np.ndarray:
+        emb = None
+        if getattr(predictor, "uses_embeddings", False):
+            emb = predictor.embed(pixels)
+            probs = predictor.predict_embeddings(emb)
+        else:
+            probs = predictor.predict_pixels(pixels)
+        if gate is None:
+            score = np.full(len(probs), np.nan, np.float32)
+        else:
+            score = gate.score(emb if emb is not None else predictor.embed(pixels))
+        return np.concatenate([np.asarray(probs, np.float32), score[:, None]], axis=1)
+
+    return run
+
+
+def ood_result(predictor: Any, score: float, blank: bool = False) -> OodResult | None:
+    """The gate's verdict; a blank image (``models.ood.is_blank``) is always refused."""
+    gate = getattr(getattr(predictor, "safety", None), "ood", None)
+    if gate is None or not np.isfinite(score):
+        return None
+    return OodResult(score=round(float(score), 6), threshold=round(float(gate.threshold), 6),
+                     flagged=blank or bool(gate.flag(np.array([score]))[0]), blank=blank)
+
+
+def with_sets(predictor: Any, heads: Sequence[Any], results: list[LabelResult],
+              probs: np.ndarray) -> list[LabelResult]:
+    """Each label's conformal set and state (unchanged without conformal data)."""
+    safety = getattr(predictor, "safety", None)
+    if safety is None or not safety.conformal:
+        return results
+    out = []
+    for h, r in zip(heads, results):
+        sets = safety.sets(h, probs)
+        if sets is None:
+            out.append(r)
+            continue
+        alpha = float(safety.conformal[h.name]["alpha"])
+        if h.kind == "multilabel":
+            unsure = [c for c, s in zip(h.classes, sets) if len(s) != 1]
+            present = [c for c, s in zip(h.classes, sets) if s == ["present"]]
+            out.append(r.model_copy(update={
+                "conformal_set": present, "uncertain_classes": unsure, "alpha": alpha,
+                "state": "uncertain" if unsure else "confident"}))
+        else:
+            out.append(r.model_copy(update={
+                "conformal_set": sets[0], "alpha": alpha,
+                "state": "confident" if len(sets[0]) == 1 else "uncertain"}))
+    return out
+
+
+def status_of(results: Sequence[LabelResult], ood: OodResult | None) -> str:
+    if ood is not None and ood.flagged:
+        return "not_assessed"
+    return "uncertain" if any(r.state == "uncertain" for r in results) else "assessed"
+
+
+def not_assessed_summary(model_name: str, version: str, ood: OodResult) -> str:
+    from medsig.serve.summary import CAVEAT
+
+    return "\n".join([
+        f"Automated image findings (model {model_name}, version {version}):",
+        f"- {NOT_ASSESSED} (out-of-distribution score {ood.score:.3f} above the threshold "
+        f"{ood.threshold:.3f}); no findings are given.", CAVEAT])
+
+
+def head_infos(predictor: Any, heads: Sequence[Any]) -> list[HeadInfo]:
+    """/v1/labels entries with calibration parameters and conformal thresholds."""
+    safety = getattr(predictor, "safety", None)
+    out = []
+    for h in heads:
+        info = head_info(h)
+        if safety is not None:
+            conf = safety.conformal.get(h.name) or {}
+            info = info.model_copy(update={
+                "calibration": safety.calibration.get(h.name),
+                "alpha": conf.get("alpha"), "conformal_qhat": conf.get("qhat")})
+        out.append(info)
+    return out
+
+
+def ood_info(predictor: Any) -> OodInfo | None:
+    gate = getattr(getattr(predictor, "safety", None), "ood", None)
+    if gate is None:
+        return None
+    i = gate.info()
+    return OodInfo(method=i["method"], threshold=i["threshold"],
+                   false_reject_target=i["false_reject_target"], n_reference=i["n_reference"])
+
+
+def explain(predictor: Any, heads: Sequence[Any], pixels: Any, results: list[LabelResult],
+            probs: np.ndarray) -> list[LabelResult]:
+    """Each label with a Grad-CAM overlay of its score (runs in the model thread)."""
+    from medsig.models.saliency import grad_cam, overlay_png, target_column
+
+    out = []
+    for h, r in zip(heads, results):
+        cam = grad_cam(predictor, pixels, target_column(h, probs))
+        out.append(r if cam is None else r.model_copy(
+            update={"saliency_png": overlay_png(pixels, cam, predictor.preprocess)}))
+    return out
