@@ -102,7 +102,7 @@ def compute_outputs(path: str, col: Collection, batch_size: int = 64, device: st
         predictor = load_predictor(path, device=device)
         encoder = predictor.encoder
     else:
-        encoder = Encoder.load(path, device=device, preprocess=meta.get("preprocess", "pad"))
+        encoder = Encoder.load(path, device=device, preprocess=meta.get("preprocess"))
     has_text = encoder.tokenizer is not None
     image, text, rows, skipped = embed_arrays(encoder, col, batch_size, num_workers,
                                               texts=has_text)

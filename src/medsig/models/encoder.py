@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from medsig.data.transforms import Preprocess
 from medsig.errors import ConfigError
+from medsig.models import families
 from medsig.models.device import inference_dtype, select_device
 
 _LOAD_ERRORS = (OSError, ValueError, KeyError, TypeError, ImportError, RuntimeError)
@@ -54,19 +54,28 @@ class Encoder:
     """A loaded checkpoint with embedding functions (see module docstring)."""
 
     def __init__(self, model: Any, image_processor: Any, tokenizer: Any, kind: str, name: str,
-                 device: torch.device, preprocess: str = "pad", max_text_len: int = 64) -> None:
+                 device: torch.device, preprocess: str | None = None, max_text_len: int = 64,
+                 family: str | None = None) -> None:
         self.model, self.image_processor, self.tokenizer = model, image_processor, tokenizer
         self.kind, self.name, self.device = kind, name, device
-        self.preprocess = Preprocess.from_processor(image_processor, mode=preprocess)
+        self.family = family or ("image" if kind == "image" else kind)
+        self.preprocess = families.family_preprocess(
+            image_processor, self.family, preprocess or families.DEFAULT_MODE)
         self.image_size = int(self.preprocess.size)
-        self.max_text_len = max_text_len
+        self.max_text_len = families.text_length(families.get_family(self.family),
+                                                 max_text_len)
         self._embed_dim: int | None = None
 
     # -- loading ---------------------------------------------------------------------------
     @classmethod
     def load(cls, name_or_path: str | Path, device: str | torch.device | None = None,
-             preprocess: str = "pad", dtype: torch.dtype | None = None) -> Encoder:
-        """Load ``name_or_path`` (hub id or folder); fp32 on CPU, bf16/fp16 on GPU."""
+             preprocess: str | None = None, dtype: torch.dtype | None = None,
+             family: str | None = None) -> Encoder:
+        """Load ``name_or_path`` (hub id or folder); fp32 on CPU, bf16/fp16 on GPU.
+
+        ``preprocess`` / ``family``: None = what the folder recorded, else the family's
+        reference pipeline (``medsig.models.families``).
+        """
         from transformers import AutoConfig, AutoImageProcessor
 
         name = str(name_or_path)
@@ -117,8 +126,12 @@ class Encoder:
             kind = "siglip" if hasattr(model, "logit_bias") or "siglip" in model_type else "clip"
         text_cfg = getattr(config, "text_config", None)
         max_len = int(getattr(text_cfg, "max_position_embeddings", 64) or 64)
+        record = families.read_record(source)
+        family = family or record.get("family") or families.detect_family(
+            name, config, tokenizer, has_text)
         model.to(device).eval()
-        return cls(model, image_processor, tokenizer, kind, name, device, preprocess, max_len)
+        return cls(model, image_processor, tokenizer, kind, name, device,
+                   preprocess or record.get("mode"), max_len, family)
 
     def save(self, out: str | Path) -> Path:
         """``save_pretrained`` of the model, tokenizer and image processor."""
@@ -127,6 +140,7 @@ class Encoder:
         self.image_processor.save_pretrained(out)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(out)
+        families.write_record(out, self.family, self.preprocess)
         return out
 
     # -- properties ------------------------------------------------------------------------
@@ -183,9 +197,13 @@ class Encoder:
         """Token ids (and attention mask) for ``texts`` as the model expects them."""
         if self.tokenizer is None:
             raise ConfigError(f"model '{self.name}' is image-only: it has no tokenizer")
-        padding = "max_length" if self.kind == "siglip" else True
-        out = self.tokenizer(list(texts), padding=padding, truncation=True,
-                             max_length=self.max_text_len, return_tensors="pt")
+        family = families.get_family(self.family)
+        padding = "max_length" if family.text_padding == "max_length" else True
+        # right padding always: SigLIP pools the last position and was trained padded at the
+        # end (some published tokenizers default to left padding)
+        out = self.tokenizer(families.prepare_texts(list(texts), family), padding=padding,
+                             truncation=True, max_length=self.max_text_len,
+                             padding_side="right", return_tensors="pt")
         return {k: v for k, v in out.items() if k in ("input_ids", "attention_mask")}
 
     # -- embeddings (no grad, L2-normalised, float32 on CPU) -------------------------------

@@ -134,7 +134,7 @@ def load_predictor(model: str | Path, device: str | None = None, spec: str | Pat
 
 def _classifier(model: str, device: str | None, meta: dict, name: str, version: str
                 ) -> Predictor:
-    encoder = Encoder.load(model, device=device, preprocess=meta.get("preprocess", "pad"))
+    encoder = Encoder.load(model, device=device, preprocess=meta.get("preprocess"))
     heads = list(meta["heads"])
 
     def forward(pixels: torch.Tensor) -> torch.Tensor:
@@ -163,7 +163,7 @@ def _probe(folder: Path, device: str | None, meta: dict, name: str, version: str
     base = str(meta.get("encoder") or meta.get("base_model"))
     if not Path(base).exists() and (folder / base).exists():
         base = str(folder / base)
-    encoder = Encoder.load(base, device=device, preprocess=meta.get("preprocess", "pad"))
+    encoder = Encoder.load(base, device=device, preprocess=meta.get("preprocess"))
     net = load_probe(folder, meta).to(encoder.device)
     heads = list(meta["heads"])
 
@@ -186,7 +186,7 @@ def _zeroshot(model: str, device: str | None, meta: dict, name: str, version: st
         scale_bias,
     )
 
-    encoder = Encoder.load(model, device=device, preprocess=meta.get("preprocess", "pad"))
+    encoder = Encoder.load(model, device=device, preprocess=meta.get("preprocess"))
     if encoder.tokenizer is None:
         raise ConfigError(f"'{model}' is image-only and has no medsig.json heads: train a "
                           "probe or a classifier on it first")

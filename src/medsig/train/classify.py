@@ -20,6 +20,7 @@ from medsig.data.collection import Collection
 from medsig.errors import ConfigError
 from medsig.metrics.classification import roc_auc
 from medsig.models.encoder import resolve_cached
+from medsig.models.families import family_of, family_preprocess, write_record
 from medsig.models.heads import Head
 from medsig.train.adapt import adapt_model, export_model
 from medsig.train.config import TrainConfig
@@ -87,7 +88,6 @@ class ClassifyObjective:
     def __init__(self, cfg: TrainConfig, data: TrainData, accelerator: Any) -> None:
         from transformers import AutoImageProcessor
 
-        from medsig.data.transforms import Preprocess
 
         if not data.labels:
             raise ConfigError("objective 'classify' needs labels; the spec defines none",
@@ -107,7 +107,8 @@ class ClassifyObjective:
         except (OSError, ValueError) as exc:
             raise ConfigError(f"no image processor for '{cfg.model}': "
                               f"{str(exc).splitlines()[0]}") from None
-        self.preprocess = Preprocess.from_processor(self.processor, mode=cfg.preprocess)
+        self.family = family_of(resolve_cached(cfg.model))
+        self.preprocess = family_preprocess(self.processor, self.family, cfg.preprocess)
         self.image_size = int(self.preprocess.size)
         # fp32 master weights (a checkpoint may load in bf16); autocast runs bf16 / fp16
         model = load_classifier(cfg.model, self.heads).float().to(accelerator.device)
@@ -241,6 +242,7 @@ class ClassifyObjective:
         heads = self.thresholds(val_batches)
         export_model(self.model, out_dir, merge=True)
         self.processor.save_pretrained(out_dir)
+        write_record(out_dir, self.family, self.preprocess)
         return {"heads": heads, "prompts": {}, "image_size": self.image_size}
 
 

@@ -114,7 +114,7 @@ class TrainConfig:
     num_workers: int | None = None  # loader processes; None: 0 on <= 2 cores, else cores-1 (<= 4)
     threads: int | None = None  # torch threads on CPU; None: the cores the loaders leave
     prefetch: int = 2  # with num_workers 0: batches a background thread reads ahead (0: off)
-    preprocess: str = "pad"  # pad | processor
+    preprocess: str = "reference"  # reference (published pipeline) | pad | resize | processor
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
@@ -385,7 +385,7 @@ def validate(cfg: TrainConfig, where: str | None = None) -> None:
             raise ConfigError(f"'{key}' is required", file=where)
     _choice(cfg.objective, OBJECTIVES, "objective", where)
     _choice(cfg.precision, PRECISIONS, "precision", where)
-    _choice(cfg.preprocess, ("pad", "processor"), "preprocess", where)
+    _choice(cfg.preprocess, ("reference", "pad", "resize", "processor"), "preprocess", where)
     _choice(cfg.probe.kind, ("logistic", "mlp"), "probe.kind", where)
     _choice(cfg.data.text, TEXT_SOURCES, "data.text", where)
     _choice(cfg.contrastive.loss, LOSSES, "contrastive.loss", where)

@@ -21,6 +21,7 @@ from medsig.data.collection import Collection
 from medsig.errors import ConfigError, DataError
 from medsig.metrics.clustering import clustering_metrics
 from medsig.metrics.retrieval import retrieval_ranks, summarize_ranks
+from medsig.models.families import write_record
 from medsig.models.zeroshot import class_prompts
 from medsig.train.adapt import adapt_model, export_model
 from medsig.train.config import TrainConfig
@@ -239,6 +240,7 @@ class ContrastiveObjective:
         export_model(self.model, out_dir, merge=lora.merge, base_name=self.cfg.model)
         self.encoder.tokenizer.save_pretrained(out_dir)
         self.encoder.image_processor.save_pretrained(out_dir)
+        write_record(out_dir, self.encoder.family, self.encoder.preprocess)
         heads, offset = [], 0
         for name in self.data.labels:
             lab = self.data.collection.labels[name]
