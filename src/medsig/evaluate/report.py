@@ -352,6 +352,7 @@ def build_blocks(metrics: dict[str, Any], figures: bool = True) -> list[Block]:
     if "retrieval" in metrics:
         blocks += retrieval_section(metrics)
     blocks += subgroup_section(metrics)
+    blocks += extra_sections(metrics)
     blocks += leakage_section(metrics)
     if figures:
         figs = roc_figures(metrics) + recall_figure(metrics) + reliability_figures(metrics) \
@@ -359,6 +360,15 @@ def build_blocks(metrics: dict[str, Any], figures: bool = True) -> list[Block]:
         if figs:
             blocks += [("h", 2, "Figures"), *figs]
     return blocks
+
+
+def extra_sections(metrics: dict[str, Any]) -> list[Block]:
+    """Retention check, hidden-subgroup audit and test-set ledger (their own modules)."""
+    from medsig.evaluate.audit import audit_section
+    from medsig.evaluate.ledger import ledger_section
+    from medsig.evaluate.retention import retention_section
+
+    return ledger_section(metrics) + retention_section(metrics) + audit_section(metrics)
 
 
 # -- rendering ---------------------------------------------------------------------------------

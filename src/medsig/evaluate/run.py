@@ -364,12 +364,18 @@ def evaluate(spec: str | Path, models: dict[str, str], tasks: Sequence[str] = TA
              n_boot: int = 1000, subgroups: Sequence[str] | None = None,
              batchwise_size: int = 32, seed: int = 0, device: str | None = None,
              num_workers: int | None = None, report: bool = True,
-             duplicates: float | None = DEFAULT_THRESHOLD) -> dict[str, Any]:
+             duplicates: float | None = DEFAULT_THRESHOLD, retention: bool = True,
+             retention_split: str | None = None, audit: bool = True,
+             purpose: str = "eval") -> dict[str, Any]:
     """Evaluate ``models`` ({name: path or hub id}) on ``split``; the JSON-safe metrics dict.
 
     With ``out``: writes out/metrics.json, the report (report.md / report.html) and caches
     model outputs in out/cache/<name>.npz. ``duplicates``: the cosine threshold of the
     near-duplicate check across splits (``medsig.data.duplicates``; None: skipped).
+    ``retention``: also measure the spec's retention check (on ``retention_split``, default
+    the spec's or ``split``). ``audit``: the hidden-subgroup audit (``evaluate/audit.py``).
+    Reading the test split counts one use (``purpose``) in the collection's test-set ledger
+    (``evaluate/ledger.py``).
     """
     started = time.perf_counter()
     tasks = list(tasks)
@@ -423,6 +429,27 @@ def evaluate(spec: str | Path, models: dict[str, str], tasks: Sequence[str] = TA
         "winners": winners, "subgroups": subgroup_tables(col, list(subgroups or []), hl),
         "curves": curves, "seconds": round(time.perf_counter() - started, 2),
     })
+    # -- i17 hooks: retention check (the spec's), hidden-subgroup audit, test-set ledger --
+    if retention:
+        from medsig.evaluate.retention import retention_check
+
+        spec_r = full.spec
+        if retention_split is not None and spec_r.retention:
+            spec_r.retention = {**spec_r.retention, "split": retention_split}
+        metrics["retention"] = clean(retention_check(
+            spec_r, {m: str(p) for m, p in models.items()}, split, out_dir,
+            batch_size=batch_size, n_boot=n_boot, seed=seed, device=device,
+            num_workers=num_workers, duplicates=None))
+    if split == "test":
+        from medsig.evaluate.ledger import record_use
+
+        metrics["ledger"] = record_use(full.spec, [full.ids[i] for i in idx],
+                                       full.groups[idx].tolist(), dict(models), purpose)
+    if audit:
+        from medsig.evaluate.audit import audit as audit_subgroups
+
+        metrics["audit"] = clean(audit_subgroups(col, hl, outputs, None, None,
+                                                 min(n_boot, 200), seed))
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")

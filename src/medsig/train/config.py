@@ -115,6 +115,7 @@ class TrainConfig:
     threads: int | None = None  # torch threads on CPU; None: the cores the loaders leave
     prefetch: int = 2  # with num_workers 0: batches a background thread reads ahead (0: off)
     preprocess: str = "reference"  # reference (published pipeline) | pad | resize | processor
+    blend: list[float] = field(default_factory=list)  # WiSE-FT alphas written to out/blend/
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
@@ -386,6 +387,10 @@ def validate(cfg: TrainConfig, where: str | None = None) -> None:
     _choice(cfg.objective, OBJECTIVES, "objective", where)
     _choice(cfg.precision, PRECISIONS, "precision", where)
     _choice(cfg.preprocess, ("reference", "pad", "resize", "processor"), "preprocess", where)
+    if cfg.blend and (cfg.objective == "probe"
+                      or any(not 0.0 <= float(a) <= 1.0 for a in cfg.blend)):
+        raise ConfigError("'blend': alphas in [0, 1], for contrastive / classify fine-tunes",
+                          file=where)
     _choice(cfg.probe.kind, ("logistic", "mlp"), "probe.kind", where)
     _choice(cfg.data.text, TEXT_SOURCES, "data.text", where)
     _choice(cfg.contrastive.loss, LOSSES, "contrastive.loss", where)

@@ -450,6 +450,10 @@ def _finish(cfg: TrainConfig, data: TrainData, objective: Objective, accelerator
     (out / "medsig.json").write_text(text + "\n")
     write_card(out, info)
     _say(accelerator, f"saved {out} ({state['step']} steps, {seconds:.1f} s)")
+    if cfg.blend:  # WiSE-FT blends with the starting model (medsig.models.blend)
+        from medsig.models.blend import blend
+
+        blend(cfg.model, out, [float(a) for a in cfg.blend], out / "blend")
     return out
 
 
