@@ -61,12 +61,13 @@ def data(kind: str, work: Path, n: int, seed: int, size: int) -> Path:
     return spec
 
 
-def train(spec: Path, model: Path | str, out: Path, args: argparse.Namespace) -> Path:
+def train(spec: Path, model: Path | str, out: Path, args: argparse.Namespace,
+          lr: float | None = None) -> Path:
     from medsig.train import train as run
 
     cfg = {"spec": str(spec), "model": str(model), "out": str(out), "objective": "classify",
            "seed": args.seed, "num_workers": 0, "device": "cpu", "precision": "fp32",
-           "optim": {"epochs": args.epochs, "batch_size": 32, "lr": args.lr}}
+           "optim": {"epochs": args.epochs, "batch_size": 32, "lr": lr or args.lr}}
     return Path(run(cfg))
 
 
@@ -84,6 +85,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--epochs", type=int, default=None)
     ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--narrow-lr", type=float, default=None, help="default: --lr")
     ap.add_argument("--n-boot", type=int, default=500)
     args = ap.parse_args()
     args.epochs = args.epochs or (3 if args.quick else 12)
@@ -110,7 +112,7 @@ def main() -> None:
     say(f"broad training (derm, classification heads): {time.perf_counter() - t:.1f} s")
     t = time.perf_counter()
     with quiet(logs / "narrow.log"):
-        narrow = train(wound, broad, work / "narrow", args)
+        narrow = train(wound, broad, work / "narrow", args, args.narrow_lr)
     say(f"narrow fine-tune (wounds, new heads, full): {time.perf_counter() - t:.1f} s")
     alphas = [round(0.1 * i, 1) for i in range(11)]
     t = time.perf_counter()

@@ -12,6 +12,7 @@ from medsig.errors import ConfigError, SpecError
 from medsig.evaluate.retention import alpha_table, pick_alpha
 from medsig.models.blend import blend, blend_state, parse_alphas, scale_adapter
 from medsig.spec import DatasetSpec
+from tests.test_train_helpers import tiny_fixture, wound_fixture  # noqa: F401 (fixtures)
 
 
 def test_blend_state_interpolates_shared_tensors_and_keeps_heads():
@@ -106,3 +107,19 @@ def test_train_config_blend_option():
         load_config({**base, "objective": "probe", "blend": [0.5]})
     with pytest.raises(ConfigError, match="blend"):
         load_config({**base, "blend": [2]})
+
+
+def test_training_records_pad_for_serving_and_writes_blends(tmp_path, wound, tiny):  # noqa: F811
+    from medsig.models.families import read_record
+    from medsig.models.predictor import load_predictor
+    from medsig.train import train
+    from tests.test_train_helpers import config
+
+    out = train(config(wound, tiny, tmp_path / "clf", objective="classify", preprocess="pad",
+                       blend=[0.5]))
+    assert read_record(out)["mode"] == "pad"
+    predictor = load_predictor(str(out), device="cpu")
+    assert predictor.preprocess.mode == "pad"  # what serve and eval apply
+    blended = out / "blend" / "alpha-0.50"
+    assert json.loads((blended / "medsig.json").read_text())["blend"]["alpha"] == 0.5
+    assert load_predictor(str(blended), device="cpu").preprocess.mode == "pad"
