@@ -6,9 +6,10 @@ Two kinds of subgroups of the evaluated split, per model:
   nobody labelled (a lighting, a skin tone, a camera, a wound site);
 - every **metadata column** with few distinct values (each value a subgroup).
 
-For each subgroup: n (images, groups), the headline metric with a 95% group-bootstrap
-interval, and its gap to the rest of the split (metric(subgroup) − metric(rest)) with an
-interval from the same resamples. The worst subgroup of each kind is **flagged** when its
+For each subgroup: n (images, groups), the headline metric, and its gap to the rest of the
+split (metric(subgroup) − metric(rest)); clusters get 95% group-bootstrap intervals for
+both, metadata values point estimates (intervals for the worst value of each column, to
+bound the cost). The worst subgroup of each kind is **flagged** when its
 gap's interval lies below 0. Small subgroups (< ``min_n`` images) are listed, never flagged.
 """
 
@@ -47,34 +48,38 @@ def _interval(values: np.ndarray) -> tuple[float, float]:
 
 def audit_partition(part: np.ndarray, fn: Callable[..., float], arrays: Sequence[np.ndarray],
                     groups: np.ndarray | None, n_boot: int = 200, seed: int = 0,
-                    min_n: int = MIN_N) -> dict[str, Any]:
-    """Metric, interval and gap to the rest for every value of ``part`` (one per row)."""
+                    min_n: int = MIN_N, all_intervals: bool = True) -> dict[str, Any]:
+    """Metric, interval and gap to the rest for every value of ``part`` (one per row).
+
+    ``all_intervals=False``: point estimates for every value, intervals only for the worst
+    (the one that can be flagged) - the bootstrap cost of one subgroup instead of all.
+    """
     part = np.asarray(part).astype(str)
-    values = sorted(set(part.tolist()))
-    n = len(part)
-    rs = Resampler(n, groups, seed)
-    boot = {v: ([], []) for v in values}
-    for _ in range(n_boot):
+    out: dict[str, Any] = {}
+    for v in sorted(set(part.tolist())):
+        rows = np.nonzero(part == v)[0]
+        point, rest_point = _value(fn, arrays, rows), _value(fn, arrays, np.nonzero(part != v)[0])
+        out[v] = {"n": int(len(rows)),
+                  "groups": int(len(set(groups[rows].tolist()))) if groups is not None
+                  else int(len(rows)),
+                  "point": point, "low": float("nan"), "high": float("nan"),
+                  "rest": rest_point, "gap": point - rest_point, "gap_low": float("nan"),
+                  "gap_high": float("nan"), "small": bool(len(rows) < min_n)}
+    worst = _worst(out)
+    chosen = list(out) if all_intervals else ([worst["value"]] if worst else [])
+    boot = {v: ([], []) for v in chosen}
+    rs = Resampler(len(part), groups, seed)
+    for _ in range(n_boot if chosen else 0):
         idx = rs.draw()
         inside = part[idx]
-        for v in values:
+        for v in chosen:
             mask = inside == v
             a, b = _value(fn, arrays, idx[mask]), _value(fn, arrays, idx[~mask])
             boot[v][0].append(a)
             boot[v][1].append(a - b)
-    out: dict[str, Any] = {}
-    for v in values:
-        rows = np.nonzero(part == v)[0]
-        rest = np.nonzero(part != v)[0]
-        point, rest_point = _value(fn, arrays, rows), _value(fn, arrays, rest)
-        low, high = _interval(np.asarray(boot[v][0], dtype=float))
-        gap_low, gap_high = _interval(np.asarray(boot[v][1], dtype=float))
-        out[v] = {"n": int(len(rows)),
-                  "groups": int(len(set(groups[rows].tolist()))) if groups is not None
-                  else int(len(rows)),
-                  "point": point, "low": low, "high": high, "rest": rest_point,
-                  "gap": point - rest_point, "gap_low": gap_low, "gap_high": gap_high,
-                  "small": bool(len(rows) < min_n)}
+    for v, (metric, gap) in boot.items():
+        out[v]["low"], out[v]["high"] = _interval(np.asarray(metric, dtype=float))
+        out[v]["gap_low"], out[v]["gap_high"] = _interval(np.asarray(gap, dtype=float))
     return {"subgroups": out, "worst": _worst(out)}
 
 
@@ -132,7 +137,7 @@ def audit(col: Any, hl: Any, outputs: dict[str, Any], columns: Sequence[str] | N
             values = _column(col, c)
             if 1 < len(set(values.tolist())) <= MAX_VALUES:
                 res["columns"][c] = audit_partition(values, fn, arrays, col.groups, n_boot,
-                                                    seed, min_n)
+                                                    seed, min_n, all_intervals=False)
         report["models"][model] = res
     return report
 
@@ -179,4 +184,11 @@ def audit_section(metrics: dict[str, Any]) -> list[tuple[Any, ...]]:
         blocks += [("h", 3, f"{model}: clusters ({res['metric']})"),
                    ("table", ["cluster", "images", "groups", "metric (95% CI)", "gap to rest",
                               "gap 95% CI"], rows)]
+        worst = [[c, w["value"], part["subgroups"][w["value"]]["n"], fmt(w["gap"]),
+                  f"[{fmt(w['gap_low'])}, {fmt(w['gap_high'])}]",
+                  "flagged" if w["flagged"] else "–"]
+                 for c, part in res["columns"].items() if (w := part.get("worst"))]
+        if worst:
+            blocks.append(("table", ["column", "worst value", "images", "gap to rest",
+                                     "gap 95% CI", "flag"], worst))
     return blocks

@@ -449,7 +449,7 @@ def evaluate(spec: str | Path, models: dict[str, str], tasks: Sequence[str] = TA
         from medsig.evaluate.audit import audit as audit_subgroups
 
         metrics["audit"] = clean(audit_subgroups(col, hl, outputs, None, None,
-                                                 min(n_boot, 200), seed))
+                                                 min(n_boot, 100), seed))
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
