@@ -123,3 +123,6 @@ def test_training_records_pad_for_serving_and_writes_blends(tmp_path, wound, tin
     blended = out / "blend" / "alpha-0.50"
     assert json.loads((blended / "medsig.json").read_text())["blend"]["alpha"] == 0.5
     assert load_predictor(str(blended), device="cpu").preprocess.mode == "pad"
+    again = train(config(wound, out, tmp_path / "clf2", objective="classify"))
+    assert read_record(again)["mode"] == "pad"  # a second fine-tune keeps the recorded mode
+    assert json.loads((again / "medsig.json").read_text())["preprocess"] == "pad"

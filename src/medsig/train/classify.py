@@ -20,7 +20,7 @@ from medsig.data.collection import Collection
 from medsig.errors import ConfigError
 from medsig.metrics.classification import roc_auc
 from medsig.models.encoder import resolve_cached
-from medsig.models.families import family_of, family_preprocess, write_record
+from medsig.models.families import family_of, family_preprocess, read_record, write_record
 from medsig.models.heads import Head
 from medsig.train.adapt import adapt_model, export_model
 from medsig.train.config import TrainConfig
@@ -108,7 +108,9 @@ class ClassifyObjective:
             raise ConfigError(f"no image processor for '{cfg.model}': "
                               f"{str(exc).splitlines()[0]}") from None
         self.family = family_of(resolve_cached(cfg.model))
-        self.preprocess = family_preprocess(self.processor, self.family, cfg.preprocess)
+        recorded = read_record(resolve_cached(cfg.model)).get("mode")
+        self.preprocess = family_preprocess(self.processor, self.family,
+                                            cfg.preprocess or recorded or "reference")
         self.image_size = int(self.preprocess.size)
         # fp32 master weights (a checkpoint may load in bf16); autocast runs bf16 / fp16
         model = load_classifier(cfg.model, self.heads).float().to(accelerator.device)

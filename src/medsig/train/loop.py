@@ -428,7 +428,8 @@ def _finish(cfg: TrainConfig, data: TrainData, objective: Objective, accelerator
     spec = data.collection.spec
     info = {
         "medsig_version": __version__, "objective": cfg.objective, "base_model": cfg.model,
-        "encoder": ".", "preprocess": cfg.preprocess, "image_size": extras["image_size"],
+        "encoder": ".", "preprocess": getattr(objective.preprocess, "mode", cfg.preprocess),
+        "image_size": extras["image_size"],
         "spec": {"name": spec.name, "path": str(spec.path),
                  "fingerprint": spec_fingerprint(data.collection)},
         "split": {"fingerprint": split_fingerprint(data.collection), "counts": data.counts},

@@ -318,7 +318,7 @@ def _save(cfg: TrainConfig, out: Path, net: ProbeNet, estimators: Any, mean: np.
     spec = collection.spec
     meta = {
         "medsig_version": __version__, "objective": "probe", "base_model": base,
-        "encoder": base, "preprocess": cfg.preprocess, "image_size": encoder.image_size,
+        "encoder": base, "preprocess": encoder.preprocess.mode, "image_size": encoder.image_size,
         "spec": {"name": spec.name, "path": str(spec.path),
                  "fingerprint": spec_fingerprint(collection)},
         "split": {"fingerprint": split_fingerprint(collection), "counts": counts,
