@@ -49,7 +49,9 @@ def _train_all(root: Path) -> dict[str, Path]:
         folders[kind] = train({**base, "out": str(root / kind), "objective": "contrastive",
                                "adapt": adapt})
     folders["classify"] = train({**base, "out": str(root / "classify"),
-                                 "objective": "classify"})
+                                 "objective": "classify", "preprocess": "pad"})
+    folders["classify-reference"] = train({**base, "out": str(root / "classify-reference"),
+                                           "objective": "classify"})
     folders["probe"] = train_probe(spec, tiny, root / "probe", labels=LABELS)
     return folders
 
@@ -188,6 +190,26 @@ def test_plain_transformers_reproduces_the_classifier_on_a_non_square_image(env)
     with torch.no_grad():
         unpadded = torch.sigmoid(model(**plain(images=image, return_tensors="pt")).logits[0])
     assert np.abs(unpadded.numpy() - ours).max() > 1e-4
+
+
+def test_plain_transformers_reproduces_a_reference_classifier(env) -> None:
+    """The default (the family's reference pipeline): the folder keeps the checkpoint's own
+    processor, so plain transformers needs no remote code to give medsig's numbers."""
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    from medsig.models.predictor import load_predictor
+
+    folder = env.folder["classify-reference"]
+    image = Image.fromarray((np.random.default_rng(1).random((90, 200, 3)) * 255
+                             ).astype(np.uint8))
+    predictor = load_predictor(folder)
+    assert predictor.preprocess.mode == "reference"
+    ours = predictor.raw_probabilities(predictor.preprocess(image)[None])[0]
+    processor = AutoImageProcessor.from_pretrained(folder)  # no trust_remote_code
+    model = AutoModelForImageClassification.from_pretrained(folder).eval()
+    with torch.no_grad():
+        theirs = torch.sigmoid(model(**processor(images=image, return_tensors="pt")).logits[0])
+    np.testing.assert_allclose(theirs.numpy(), ours, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("kind", KINDS[:-1])

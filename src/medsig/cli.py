@@ -178,6 +178,40 @@ def model_safety(
                   f"(val false-reject target {false_reject:.0%})")
 
 
+@model_app.command("blend")
+def model_blend(
+    base: str = typer.Argument(..., help="The model the fine-tune started from (folder or id)."),
+    tuned: Path = typer.Argument(..., help="The fine-tuned model folder (full, partial, LoRA)."),
+    alpha: list[str] = typer.Option(["0.25,0.5,0.75"], help="Weight of the fine-tune, 0..1 "
+                                    "(repeat or comma-separate)."),
+    out: Path = typer.Option(..., help="Output folder: one alpha-X.XX model folder per alpha."),
+    select: Path | None = typer.Option(None, help="A spec naming a retention check: evaluate "
+                                       "every alpha on val and pick one."),
+    metric: str = typer.Option("classification/macro_auc", help="In-domain metric for --select."),
+    split: str = typer.Option("val", help="Split to choose on (never test)."),
+    n_boot: int = typer.Option(200, help="Bootstrap resamples for --select."),
+) -> None:
+    """Interpolate a fine-tune with its base model (WiSE-FT) against forgetting."""
+    from medsig.models.blend import blend, parse_alphas
+
+    alphas = parse_alphas(alpha)
+    if select is None:
+        for folder in blend(base, tuned, alphas, out):
+            console.print(f"wrote {folder}")
+        return
+    from medsig.evaluate.retention import choose_alpha
+
+    res = choose_alpha(select, base, str(tuned), alphas, out, metric, split, n_boot=n_boot)
+    for row in res["rows"]:
+        console.print(f"alpha {row['alpha']:.2f}: {metric} {row['in_domain']['point']:.3f} "
+                      f"(gain kept {row['gain_kept']:.2f}), retention "
+                      f"{row['retention']['point']:.3f} (retained {row['retained']:.2f})")
+    pick = res["choice"]
+    note = "" if pick["meets"] else " (no alpha meets both 90 % targets: best compromise)"
+    console.print(f"chosen on {split}: alpha {pick['alpha']}{note}; "
+                  f"{out / 'blend_selection.json'}")
+
+
 # -- index -----------------------------------------------------------------------------------
 @app.command("embed")
 def embed(

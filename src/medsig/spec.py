@@ -19,7 +19,9 @@ LABEL_TYPES = ("binary", "multiclass", "multilabel")
 DEFAULT_MISSING = ["MISSING", ""]
 
 _TOP_KEYS = {"name", "table", "image_root", "columns", "missing_values", "templates",
-             "metadata", "labels", "description", "splits", "allow_outside_root"}
+             "metadata", "labels", "description", "splits", "allow_outside_root",
+             "retention"}
+_RETENTION_KEYS = {"metric", "spec", "split"}
 _COLUMN_KEYS = {"image", "id", "text", "group", "split"}
 _LABEL_KEYS = {"name", "type", "column", "positive", "negative", "states", "classes",
                "mapping", "exclude", "separator", "weights_column", "coarse", "missing_values"}
@@ -94,6 +96,9 @@ class DatasetSpec:
     description: str | None = None
     splits: str | None = None  # a CSV (id, split) written by `medsig data split`
     allow_outside_root: bool = False  # image paths may resolve outside image_root
+    # what a fine-tune must not forget: {metric: <eval headline metric>, spec: other.yaml
+    # (default: this one), split: <split of that spec> (default: the evaluated one)}
+    retention: dict[str, str] | None = None
     path: Path | None = None  # the spec file, when loaded from disk
 
     # -- paths -----------------------------------------------------------------------------
@@ -179,6 +184,7 @@ class DatasetSpec:
             splits=_opt_str(raw.get("splits"), "splits", where),
             allow_outside_root=_bool(raw.get("allow_outside_root", False),
                                      "allow_outside_root", where),
+            retention=_retention(raw.get("retention"), where),
             path=path.resolve() if path is not None else None,
         )
         seen: set[str] = set()
@@ -210,6 +216,8 @@ class DatasetSpec:
             out["templates"] = list(self.templates)
         if self.metadata is not None:
             out["metadata"] = list(self.metadata)
+        if self.retention:
+            out["retention"] = dict(self.retention)
         out["labels"] = [lab.to_dict() for lab in self.labels]
         return out
 
@@ -253,6 +261,19 @@ def _str_list(value: Any, key: str, where: Any) -> list[str]:
     if not isinstance(value, list):
         raise SpecError(f"'{key}' must be a list", file=where)
     return ["" if v is None else str(v) for v in value]
+
+
+def _retention(raw: Any, where: Any) -> dict[str, str] | None:
+    """The optional ``retention`` block: a metric name, optionally another spec and split."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise SpecError("'retention' must be a mapping (metric, spec, split)", file=where)
+    _check_keys(raw, _RETENTION_KEYS, "retention.", where)
+    if not raw.get("metric"):
+        raise SpecError("missing required key 'retention.metric' (e.g. "
+                        "clustering/nmi:category)", file=where)
+    return {k: _str(raw[k], f"retention.{k}", where) for k in _RETENTION_KEYS if raw.get(k)}
 
 
 def _parse_label(raw: Any, i: int, where: Any, base_dir: Path) -> LabelSpec:

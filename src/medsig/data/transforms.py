@@ -2,8 +2,12 @@
 
 ``Preprocess`` turns an RGB PIL image into a normalised ``(3, size, size)`` float tensor:
 
-- ``pad`` (MedSigLIP's recipe): zero-pad to a square, resize to the model size, normalise;
-- ``resize``: resize straight to ``size × size`` (the SigLIP processor's default);
+- ``reference`` (the default): the checkpoint's published pipeline, reproduced with PIL and
+  numpy: the processor's resize (``size`` × ``size``, or CLIP's shortest edge + centre crop)
+  with its resampling filter, or a family's own resize (``resize_method="tf_bilinear"``:
+  MedSigLIP's notebooks), then rescale and normalise (docs/models.md, per family);
+- ``pad`` (a deliberate difference, e.g. for wounds): zero-pad to a square, resize, normalise;
+- ``resize``: resize straight to ``size × size`` with the processor's filter;
 - ``processor``: call the checkpoint's own Hugging Face image processor.
 
 ``Augment`` is the training augmentation: random resized crop, horizontal flip, small
@@ -21,7 +25,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance
 
-MODES = ("pad", "resize", "processor")
+MODES = ("reference", "pad", "resize", "processor")
+RESIZE_METHODS = ("pil", "tf_bilinear")
 _RESAMPLE = {0: Image.NEAREST, 1: Image.LANCZOS, 2: Image.BILINEAR, 3: Image.BICUBIC,
              4: Image.BOX, 5: Image.HAMMING}
 
@@ -61,32 +66,61 @@ def pad_resize(image: Image.Image, size: int, resample: int = Image.BICUBIC) -> 
     return canvas
 
 
+def _bounded_square(image: Image.Image, size: int) -> Image.Image:
+    """Zero-padded to a square; an elongated image is first shrunk (long side ``size``), so
+    the canvas never exceeds ``MAX_PAD_RATIO`` times the image (see :func:`pad_resize`)."""
+    w, h = image.size
+    side = max(w, h)
+    if side * side > MAX_PAD_RATIO * w * h and side > size:
+        scale = size / side
+        image = image.resize((max(1, round(w * scale)), max(1, round(h * scale))),
+                             Image.BILINEAR)
+    return pad_to_square(image)
+
+
 class Preprocess:
     """PIL RGB image → normalised ``(3, size, size)`` float32 tensor."""
 
     def __init__(self, size: int, mean: Sequence[float] = (0.5, 0.5, 0.5),
                  std: Sequence[float] = (0.5, 0.5, 0.5), mode: str = "pad",
-                 resample: int = Image.BICUBIC, processor: Any = None) -> None:
+                 resample: int = Image.BICUBIC, processor: Any = None,
+                 resize_method: str = "pil", shortest_edge: int | None = None,
+                 rescale: float = 1 / 255) -> None:
         if mode not in MODES:
             raise ValueError(f"preprocess mode must be one of {MODES}, not {mode!r}")
+        if resize_method not in RESIZE_METHODS:
+            raise ValueError(f"resize method must be one of {RESIZE_METHODS}, "
+                             f"not {resize_method!r}")
         if mode == "processor" and processor is None:
             raise ValueError("preprocess mode 'processor' needs the image processor")
         self.size, self.mode, self.resample, self.processor = int(size), mode, resample, processor
+        self.resize_method, self.rescale = resize_method, float(rescale)
+        self.shortest_edge = int(shortest_edge) if shortest_edge else None
         self.mean = torch.tensor(list(mean), dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(list(std), dtype=torch.float32).view(3, 1, 1)
         self._on_device: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
-    def from_processor(cls, processor: Any, mode: str = "pad") -> Preprocess:
-        """Size, mean, std and resampling of a Hugging Face image processor."""
+    def from_processor(cls, processor: Any, mode: str = "reference",
+                       resize_method: str = "pil") -> Preprocess:
+        """Size, mean, std, resampling (and CLIP's shortest edge) of an HF image processor."""
         size = _processor_size(processor)
         mean = getattr(processor, "image_mean", None) or (0.5, 0.5, 0.5)
         std = getattr(processor, "image_std", None) or (0.5, 0.5, 0.5)
         resample = getattr(processor, "resample", None)
         resample = _RESAMPLE.get(int(resample), Image.BICUBIC) if resample is not None \
             else Image.BICUBIC
+        rescale = getattr(processor, "rescale_factor", None) or 1 / 255
         return cls(size, mean, std, mode=mode, resample=resample,
-                   processor=processor if mode == "processor" else None)
+                   processor=processor if mode == "processor" else None,
+                   resize_method=resize_method, shortest_edge=_shortest_edge(processor),
+                   rescale=rescale)
+
+    def describe(self) -> dict[str, Any]:
+        """What this pipeline does, as JSON (recorded in a model folder)."""
+        return {"mode": self.mode, "size": self.size, "resize_method": self.resize_method,
+                "resample": int(self.resample), "shortest_edge": self.shortest_edge,
+                "mean": self.mean.flatten().tolist(), "std": self.std.flatten().tolist()}
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         if self.mode == "processor":
@@ -102,15 +136,28 @@ class Preprocess:
     def to_uint8(self, image: Image.Image) -> torch.Tensor:
         """Pad / resize only: a ``(3, size, size)`` uint8 tensor (what CPU workers ship)."""
         if self.mode == "pad":
-            image = pad_resize(image, self.size, self.resample)
-        elif image.size != (self.size, self.size):
+            if self.resize_method == "pil":  # elongated images never build a huge canvas
+                array = np.asarray(pad_resize(image, self.size, self.resample).convert("RGB"))
+                return torch.from_numpy(array.copy()).permute(2, 0, 1)
+            image = _bounded_square(image, self.size)
+        array = self._resized(image.convert("RGB"))
+        return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
+
+    def _resized(self, image: Image.Image) -> np.ndarray:
+        """uint8 ``(size, size, 3)``: the pipeline's resize (and centre crop)."""
+        if self.resize_method == "tf_bilinear":
+            return tf_bilinear_resize(np.asarray(image), (self.size, self.size))
+        if self.mode == "reference" and self.shortest_edge:
+            image = image.resize(shortest_edge_size(image.size, self.shortest_edge),
+                                 self.resample)
+            return center_crop(np.asarray(image), self.size)
+        if image.size != (self.size, self.size):
             image = image.resize((self.size, self.size), self.resample)
-        array = np.asarray(image.convert("RGB"), dtype=np.uint8)
-        return torch.from_numpy(array.copy()).permute(2, 0, 1)
+        return np.asarray(image)
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 ``(..., 3, s, s)`` on any device -> normalised float32 on that device."""
-        tensor = pixels.float().div_(255.0)
+        tensor = pixels.float().mul_(self.rescale)
         if pixels.device.type == "cpu":
             return (tensor - self.mean) / self.std
         key = str(pixels.device)  # copied to a device once, not every batch
@@ -126,8 +173,69 @@ class Preprocess:
         return f"Preprocess(size={self.size}, mode={self.mode!r})"
 
 
+def shortest_edge_size(size: tuple[int, int], edge: int) -> tuple[int, int]:
+    """(width, height) with the short side ``edge`` and the long side truncated to int (HF)."""
+    w, h = size
+    if w <= h:
+        return edge, int(edge * h / w)
+    return int(edge * w / h), edge
+
+
+def center_crop(array: np.ndarray, size: int) -> np.ndarray:
+    """The centred ``size`` × ``size`` crop (offsets rounded down, as transformers does)."""
+    h, w = array.shape[:2]
+    if h < size or w < size:  # smaller than the crop: pad with zeros, centred
+        out = np.zeros((max(h, size), max(w, size), array.shape[2]), dtype=array.dtype)
+        top, left = (out.shape[0] - h) // 2, (out.shape[1] - w) // 2
+        out[top:top + h, left:left + w] = array
+        array, h, w = out, out.shape[0], out.shape[1]
+    top, left = (h - size) // 2, (w - size) // 2
+    return array[top:top + size, left:left + size]
+
+
+def tf_bilinear_resize(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``tf.image.resize(method="bilinear", antialias=False)`` then ``astype(uint8)``.
+
+    Half-pixel centres (``src = (dst + 0.5) * in / out - 0.5``, neighbours clamped to the
+    edge), interpolated in float32 in TensorFlow's order (horizontal, then vertical), then
+    truncated to uint8 as MedSigLIP's notebooks do.
+    """
+    src = np.asarray(array, dtype=np.float32)
+    if src.ndim == 2:
+        src = src[..., None]
+    (y0, y1, fy), (x0, x1, fx) = (_tf_axis(src.shape[0], size[0]),
+                                  _tf_axis(src.shape[1], size[1]))
+    fx = fx[None, :, None]
+    top = src[y0][:, x0] + (src[y0][:, x1] - src[y0][:, x0]) * fx
+    bottom = src[y1][:, x0] + (src[y1][:, x1] - src[y1][:, x0]) * fx
+    out = top + (bottom - top) * fy[:, None, None]
+    return out.astype(np.uint8)
+
+
+def _tf_axis(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    scale = np.float32(n_in) / np.float32(n_out)
+    pos = (np.arange(n_out, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5)
+    low = np.floor(pos)
+    lerp = (pos - low).astype(np.float32)
+    lo = np.clip(low, 0, n_in - 1).astype(np.int64)
+    hi = np.clip(np.ceil(pos), 0, n_in - 1).astype(np.int64)
+    return lo, hi, lerp
+
+
+def _shortest_edge(processor: Any) -> int | None:
+    """CLIP-style processors: resize the short side to this, then centre-crop."""
+    size = getattr(processor, "size", None)
+    get = size.get if hasattr(size, "get") else (lambda k, s=size: getattr(s, k, None))
+    edge = get("shortest_edge") if size is not None and not isinstance(size, int) else None
+    if edge and getattr(processor, "do_center_crop", False):
+        return int(edge)
+    return None
+
+
 def _processor_size(processor: Any) -> int:
-    for attr in ("size", "crop_size"):
+    attrs = ("crop_size", "size") if getattr(processor, "do_center_crop", False) \
+        else ("size", "crop_size")
+    for attr in attrs:
         size = getattr(processor, attr, None)
         if size is None:
             continue

@@ -371,6 +371,7 @@ def build_blocks(metrics: dict[str, Any], figures: bool = True) -> list[Block]:
 
     blocks += report_blocks(metrics, figures)  # calibration, conformal, OOD
     blocks += subgroup_section(metrics)
+    blocks += extra_sections(metrics)
     blocks += leakage_section(metrics)
     if figures:
         figs = roc_figures(metrics) + recall_figure(metrics) + reliability_figures(metrics) \
@@ -390,6 +391,15 @@ def with_contents(blocks: list[Block]) -> list[Block]:
 def anchor(title: str) -> str:
     """The GitHub-style anchor of a heading (also the id the HTML report gives it)."""
     return re.sub(r"\s", "-", re.sub(r"[^\w\s-]", "", title.strip().lower()))
+
+
+def extra_sections(metrics: dict[str, Any]) -> list[Block]:
+    """Retention check, hidden-subgroup audit and test-set ledger (their own modules)."""
+    from medsig.evaluate.audit import audit_section
+    from medsig.evaluate.ledger import ledger_section
+    from medsig.evaluate.retention import retention_section
+
+    return ledger_section(metrics) + retention_section(metrics) + audit_section(metrics)
 
 
 # -- rendering ---------------------------------------------------------------------------------

@@ -109,12 +109,18 @@ def evaluate(spec: str | Path, models: dict[str, str], tasks: Sequence[str] = TA
              n_boot: int = 1000, subgroups: Sequence[str] | None = None,
              batchwise_size: int = 32, seed: int = 0, device: str | None = None,
              num_workers: int | None = None, report: bool = True,
-             duplicates: float | None = DEFAULT_THRESHOLD) -> dict[str, Any]:
+             duplicates: float | None = DEFAULT_THRESHOLD, retention: bool = True,
+             retention_split: str | None = None, audit: bool = True,
+             purpose: str = "eval") -> dict[str, Any]:
     """Evaluate ``models`` ({name: path or hub id}) on ``split``; the JSON-safe metrics dict.
 
     With ``out``: writes out/metrics.json, the report (report.md / report.html) and caches
     model outputs in out/cache/<name>.npz. ``duplicates``: the cosine threshold of the
     near-duplicate check across splits (``medsig.data.duplicates``; None: skipped).
+    ``retention``: also measure the spec's retention check (on ``retention_split``, default
+    the spec's or ``split``). ``audit``: the hidden-subgroup audit (``evaluate/audit.py``).
+    Reading the test split counts one use (``purpose``) in the collection's test-set ledger
+    (``evaluate/ledger.py``).
     """
     started = time.perf_counter()
     tasks = list(tasks)
@@ -174,6 +180,10 @@ def evaluate(spec: str | Path, models: dict[str, str], tasks: Sequence[str] = TA
         "subgroups": subgroup_tables(col, list(subgroups or []), hl),
         "curves": curves, "seconds": round(time.perf_counter() - started, 2),
     })
+    fidelity = {"retention": retention, "retention_split": retention_split, "audit": audit,
+                "purpose": purpose, "batch_size": batch_size, "num_workers": num_workers}
+    metrics.update(_fidelity(full, idx, col, hl, outputs, models, split, out_dir, fidelity,
+                             n_boot, seed, device))
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
@@ -182,3 +192,32 @@ def evaluate(spec: str | Path, models: dict[str, str], tasks: Sequence[str] = TA
 
             write_report(metrics, out_dir)
     return metrics
+
+
+def _fidelity(full: Collection, idx: np.ndarray, col: Collection, hl: Headlines,
+              outputs: dict[str, ModelOutputs], models: dict[str, str], split: str,
+              out_dir: Path | None, opts: dict[str, Any], n_boot: int, seed: int,
+              device: str | None) -> dict[str, Any]:
+    """The spec's retention check, the test-set ledger and the hidden-subgroup audit."""
+    found: dict[str, Any] = {}
+    if opts["retention"]:
+        from medsig.evaluate.retention import retention_check
+
+        spec_r = full.spec
+        if opts["retention_split"] is not None and spec_r.retention:
+            spec_r.retention = {**spec_r.retention, "split": opts["retention_split"]}
+        found["retention"] = clean_json(retention_check(
+            spec_r, {m: str(p) for m, p in models.items()}, split, out_dir,
+            batch_size=opts["batch_size"], n_boot=n_boot, seed=seed, device=device,
+            num_workers=opts["num_workers"], duplicates=None))
+    if split == "test":
+        from medsig.evaluate.ledger import record_use
+
+        found["ledger"] = record_use(full.spec, [full.ids[i] for i in idx],
+                                     full.groups[idx].tolist(), dict(models), opts["purpose"])
+    if opts["audit"]:
+        from medsig.evaluate.audit import audit as audit_subgroups
+
+        found["audit"] = clean_json(audit_subgroups(col, hl, outputs, None, None,
+                                                    min(n_boot, 100), seed))
+    return found

@@ -89,21 +89,30 @@ def hub_id(ref: str | None, folder: str | Path | None = None, depth: int = 4) ->
 # -- sections ----------------------------------------------------------------------------------
 @dataclass
 class Preprocessing:
-    """Image -> pixels: ``mode`` pad (zero-pad to square, then resize) / resize / processor."""
+    """Image -> pixels: ``mode`` reference (the model family's published pipeline) / pad
+    (zero-pad to square, then resize) / resize / processor; ``resize_method`` pil or
+    tf_bilinear (MedSigLIP's notebook), ``shortest_edge`` + centre crop (CLIP)."""
 
     mode: str = "pad"
     size: int | None = None
     mean: list[float] | None = None
     std: list[float] | None = None
     resample: int | None = None  # PIL code (3 = bicubic)
+    resize_method: str = "pil"
+    shortest_edge: int | None = None
+    rescale: float | None = None  # pixel scale before normalising (default 1 / 255)
 
     @classmethod
     def of(cls, preprocess: Any) -> Preprocessing:
         """From a ``medsig.data.transforms.Preprocess``."""
+        rescale = getattr(preprocess, "rescale", None)
         return cls(str(preprocess.mode), int(preprocess.size),
                    [round(float(v), 6) for v in preprocess.mean.flatten().tolist()],
                    [round(float(v), 6) for v in preprocess.std.flatten().tolist()],
-                   int(preprocess.resample) if preprocess.resample is not None else None)
+                   int(preprocess.resample) if preprocess.resample is not None else None,
+                   str(getattr(preprocess, "resize_method", "pil")),
+                   getattr(preprocess, "shortest_edge", None),
+                   None if rescale is None or abs(rescale - 1 / 255) < 1e-12 else float(rescale))
 
     def build(self, processor: Any = None) -> Any:
         """The ``Preprocess`` this record describes (missing fields from ``processor``)."""
@@ -114,8 +123,12 @@ class Preprocessing:
                 raise ConfigError("medsig.json: preprocessing is incomplete and no image "
                                   "processor was given")
             return Preprocess.from_processor(processor, mode=self.mode)
-        kwargs = {} if self.resample is None else {"resample": self.resample}
-        return Preprocess(self.size, self.mean, self.std, mode=self.mode, **kwargs)
+        kwargs: dict[str, Any] = {} if self.resample is None else {"resample": self.resample}
+        if self.rescale is not None:
+            kwargs["rescale"] = self.rescale
+        return Preprocess(self.size, self.mean, self.std, mode=self.mode,
+                          resize_method=self.resize_method, shortest_edge=self.shortest_edge,
+                          **kwargs)
 
 
 @dataclass
@@ -233,8 +246,8 @@ class Artifact:
                                                  "image_size"}
         pre = raw.get("preprocessing")
         if isinstance(pre, dict):
-            preprocessing = Preprocessing(**{k: pre.get(k) for k in
-                                             ("mode", "size", "mean", "std", "resample")})
+            names = [f.name for f in fields(Preprocessing)]
+            preprocessing = Preprocessing(**{k: pre[k] for k in names if pre.get(k) is not None})
         else:  # schema 1: a mode and a size; mean / std from the saved image processor
             preprocessing = Preprocessing(str(raw.get("preprocess") or "pad"),
                                           raw.get("image_size"))
@@ -287,6 +300,25 @@ class Artifact:
             raise ConfigError(f"medsig.json schema {raw.get('schema')} is newer than this "
                               f"medsig reads ({SCHEMA_VERSION}): upgrade medsig", file=path)
         return cls.from_dict(raw, source=path)
+
+    def moved(self, src: str | Path, dst: str | Path) -> Artifact:
+        """This record as written in ``dst`` for a folder copied from ``src``: every local
+        reference (base, encoder, spec, config paths) re-pointed relative to ``dst``."""
+        import copy
+
+        def move(ref: Any) -> Any:
+            if not isinstance(ref, str) or ref == ".":
+                return ref
+            found = resolve(ref, src)
+            return reference(found, dst) if found != ref else ref
+
+        art = copy.deepcopy(self)
+        art.base_model, art.encoder = move(art.base_model), move(art.encoder)
+        art.spec.path = move(art.spec.path)
+        for key in ("spec", "model"):
+            if key in art.config:
+                art.config[key] = move(art.config[key])
+        return art
 
     @classmethod
     def find(cls, model: str | Path) -> Artifact | None:

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from medsig.data.transforms import Preprocess
 from medsig.errors import ConfigError
+from medsig.models import families
 from medsig.models.device import precision_dtype, select_device
 
 _LOAD_ERRORS = (OSError, ValueError, KeyError, TypeError, ImportError, RuntimeError)
@@ -77,9 +77,12 @@ def _from_pretrained(source: str, classifier: bool, dtype: torch.dtype,
         return auto.from_pretrained(source, **kwargs)
 
 
-def _tokenize(tokenizer: Any, padding: str | bool, max_length: int, texts: Sequence[str]
-              ) -> dict[str, Tensor]:
-    out = tokenizer(list(texts), padding=padding, truncation=True, max_length=max_length,
+def _tokenize(tokenizer: Any, padding: str | bool, max_length: int, family: Any,
+              texts: Sequence[str]) -> dict[str, Tensor]:
+    # right padding always: SigLIP pools the last position and was trained padded at the end
+    # (some published tokenizers default to left padding)
+    out = tokenizer(families.prepare_texts(list(texts), family), padding=padding,
+                    truncation=True, max_length=max_length, padding_side="right",
                     return_tensors="pt")
     return {k: v for k, v in out.items() if k in ("input_ids", "attention_mask")}
 
@@ -93,22 +96,28 @@ class Encoder:
     """A loaded checkpoint with embedding functions (see module docstring)."""
 
     def __init__(self, model: Any, image_processor: Any, tokenizer: Any, kind: str, name: str,
-                 device: torch.device, preprocess: str = "pad", max_text_len: int = 64) -> None:
+                 device: torch.device, preprocess: str | None = None, max_text_len: int = 64,
+                 family: str | None = None) -> None:
         self.model, self.image_processor, self.tokenizer = model, image_processor, tokenizer
         self.kind, self.name, self.device = kind, name, device
-        self.preprocess = Preprocess.from_processor(image_processor, mode=preprocess)
+        self.family = family or ("image" if kind == "image" else kind)
+        self.preprocess = families.family_preprocess(
+            image_processor, self.family, preprocess or families.DEFAULT_MODE)
         self.image_size = int(self.preprocess.size)
-        self.max_text_len = max_text_len
+        self.max_text_len = families.text_length(families.get_family(self.family),
+                                                 max_text_len)
         self._embed_dim: int | None = None
 
     # -- loading ---------------------------------------------------------------------------
     @classmethod
     def load(cls, name_or_path: str | Path, device: str | torch.device | None = None,
-             preprocess: str = "pad", dtype: torch.dtype | None = None,
-             precision: str | None = None) -> Encoder:
+             preprocess: str | None = None, dtype: torch.dtype | None = None,
+             precision: str | None = None, family: str | None = None) -> Encoder:
         """Load ``name_or_path`` (hub id or folder) straight onto the device with SDPA
         attention; ``precision`` (auto | fp32 | bf16 | fp16, see ``precision_dtype``):
-        by default fp32 on CPU, bf16 (fp16 without bf16) on CUDA."""
+        by default fp32 on CPU, bf16 (fp16 without bf16) on CUDA. ``preprocess`` /
+        ``family``: None = what the folder recorded, else the family's reference pipeline
+        (``medsig.models.families``)."""
         from transformers import AutoConfig
 
         name = str(name_or_path)
@@ -155,8 +164,12 @@ class Encoder:
             kind = "siglip" if hasattr(model, "logit_bias") or "siglip" in model_type else "clip"
         text_cfg = getattr(config, "text_config", None)
         max_len = int(getattr(text_cfg, "max_position_embeddings", 64) or 64)
+        record = families.read_record(source)
+        family = family or record.get("family") or families.detect_family(
+            name, config, tokenizer, has_text)
         model.to(device).eval()  # a no-op when loaded onto the device
-        return cls(model, image_processor, tokenizer, kind, name, device, preprocess, max_len)
+        return cls(model, image_processor, tokenizer, kind, name, device,
+                   preprocess or record.get("mode"), max_len, family)
 
     def save(self, out: str | Path) -> Path:
         """``save_pretrained`` of the model, tokenizer and image processor."""
@@ -165,6 +178,7 @@ class Encoder:
         self.image_processor.save_pretrained(out)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(out)
+        families.write_record(out, self.family, self.preprocess)
         return out
 
     # -- properties ------------------------------------------------------------------------
@@ -233,8 +247,9 @@ class Encoder:
 
     def tokenize_fn(self) -> Callable[[Sequence[str]], dict[str, Tensor]]:
         """``tokenize`` as a picklable function of the tokenizer alone (for data workers)."""
-        padding = "max_length" if self.kind == "siglip" else True
-        return partial(_tokenize, self.tokenizer, padding, self.max_text_len)
+        family = families.get_family(self.family)
+        padding = "max_length" if family.text_padding == "max_length" else True
+        return partial(_tokenize, self.tokenizer, padding, self.max_text_len, family)
 
     # -- embeddings (no grad, L2-normalised, float32 on CPU) -------------------------------
     @torch.inference_mode()

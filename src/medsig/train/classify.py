@@ -20,6 +20,7 @@ from medsig.data.collection import Collection
 from medsig.errors import ConfigError
 from medsig.metrics.classification import roc_auc
 from medsig.models.encoder import resolve_cached
+from medsig.models.families import family_of, family_preprocess, read_record, write_record
 from medsig.models.heads import Head, head_probabilities, heads_for
 from medsig.train.adapt import adapt_model, export_model
 from medsig.train.config import TrainConfig
@@ -85,7 +86,6 @@ class ClassifyObjective:
     find_unused_parameters = True
 
     def __init__(self, cfg: TrainConfig, data: TrainData, accelerator: Any) -> None:
-        from medsig.data.transforms import Preprocess
         from medsig.models.encoder import load_image_processor
 
         if not data.labels:
@@ -106,7 +106,10 @@ class ClassifyObjective:
         except (OSError, ValueError) as exc:
             raise ConfigError(f"no image processor for '{cfg.model}': "
                               f"{str(exc).splitlines()[0]}") from None
-        self.preprocess = Preprocess.from_processor(self.processor, mode=cfg.preprocess)
+        self.family = family_of(resolve_cached(cfg.model))
+        recorded = read_record(resolve_cached(cfg.model)).get("mode")
+        self.preprocess = family_preprocess(self.processor, self.family,
+                                            cfg.preprocess or recorded or "reference")
         self.image_size = int(self.preprocess.size)
         # fp32 master weights (a checkpoint may load in bf16); autocast runs bf16 / fp16
         model = load_classifier(cfg.model, self.heads).float().to(accelerator.device)
@@ -222,10 +225,12 @@ class ClassifyObjective:
             from medsig.models.artifact import Preprocessing, write_image_processor
 
             export_model(self.model, out_dir, merge=True)
-            if self.preprocess.mode == "processor":
-                self.processor.save_pretrained(out_dir)
-            else:  # plain transformers reproduces medsig's pad / resize exactly
+            if self.preprocess.mode in ("pad", "resize"):
+                # plain transformers reproduces medsig's pad / resize exactly
                 write_image_processor(out_dir, Preprocessing.of(self.preprocess))
+            else:  # the checkpoint's own processor: the reference pipeline (or the processor)
+                self.processor.save_pretrained(out_dir)
+            write_record(out_dir, self.family, self.preprocess)
         return {"heads": heads, "prompts": {}, "image_size": self.image_size}
 
 

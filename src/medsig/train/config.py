@@ -138,7 +138,9 @@ class TrainConfig:
     num_workers: int | None = None  # loader processes; None: 0 on <= 2 cores, else cores-1 (<= 4)
     threads: int | None = None  # torch threads on CPU; None: the cores the loaders leave
     prefetch: int = 2  # with num_workers 0: batches a background thread reads ahead (0: off)
-    preprocess: str = "pad"  # pad | processor
+    # None: what the starting model recorded, else reference | pad | resize | processor
+    preprocess: str | None = None
+    blend: list[float] = field(default_factory=list)  # WiSE-FT alphas written to out/blend/
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
@@ -458,7 +460,13 @@ def validate(cfg: TrainConfig, where: str | None = None) -> None:
             raise ConfigError(f"'{key}' is required", file=where)
     _choice(cfg.objective, OBJECTIVES, "objective", where)
     _choice(cfg.precision, PRECISIONS, "precision", where)
-    _choice(cfg.preprocess, ("pad", "processor"), "preprocess", where)
+    if cfg.preprocess is not None:
+        _choice(cfg.preprocess, ("reference", "pad", "resize", "processor"), "preprocess",
+                where)
+    if cfg.blend and (cfg.objective == "probe"
+                      or any(not 0.0 <= float(a) <= 1.0 for a in cfg.blend)):
+        raise ConfigError("'blend': alphas in [0, 1], for contrastive / classify fine-tunes",
+                          file=where)
     _choice(cfg.probe.kind, ("logistic", "mlp"), "probe.kind", where)
     _choice(cfg.data.text, TEXT_SOURCES, "data.text", where)
     _choice(cfg.contrastive.loss, LOSSES, "contrastive.loss", where)

@@ -21,6 +21,7 @@ from medsig.data.collection import Collection
 from medsig.errors import ConfigError, DataError
 from medsig.metrics.clustering import clustering_metrics
 from medsig.metrics.retrieval import retrieval_ranks, summarize_ranks
+from medsig.models.families import write_record
 from medsig.models.heads import heads_for
 from medsig.models.zeroshot import class_prompts
 from medsig.train.adapt import adapt_model, export_model
@@ -306,6 +307,7 @@ class ContrastiveObjective:
             export_model(self.model, out_dir, merge=lora.merge, base_name=self.cfg.model)
             self.encoder.tokenizer.save_pretrained(out_dir)
             self.encoder.image_processor.save_pretrained(out_dir)
+            write_record(out_dir, self.encoder.family, self.encoder.preprocess)
         labels = self.data.collection.labels
         heads = heads_for(labels[name] for name in self.data.labels)
         return {"heads": heads, "prompts": class_prompts(self.data.collection, self.data.labels),

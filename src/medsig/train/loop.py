@@ -482,6 +482,10 @@ def _finish(cfg: TrainConfig, data: TrainData, objective: Objective, accelerator
         fit_safety(out, cfg.spec, cfg.eval.alpha, cfg.eval.ood_false_reject, cfg.seed,
                    cfg.optim.batch_size, str(accelerator.device))
     _say(accelerator, f"saved {out} ({state.step} steps, {seconds:.1f} s)")
+    if cfg.blend:  # WiSE-FT blends with the starting model (medsig.models.blend)
+        from medsig.models.blend import blend
+
+        blend(cfg.model, out, [float(a) for a in cfg.blend], out / "blend")
     return out
 
 
