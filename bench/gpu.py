@@ -308,6 +308,8 @@ def run_shape(name: str, args: argparse.Namespace, work: Path, device: torch.dev
     spec = make_data(work, n, shape["image"], 0 if args.smoke else available_cores())
     res["images"], res["setup_s"] = n, time.perf_counter() - t
     dtype = precision_dtype("auto", device)
+    train_batch = args.train_batch if shape["image"] <= 224 else args.train_batch_large
+    res["train_batch"] = train_batch
     stages: dict[str, float] = {}
 
     def timed(key: str, fn, *a):
@@ -320,7 +322,7 @@ def run_shape(name: str, args: argparse.Namespace, work: Path, device: torch.dev
     res["ceiling"] = timed("ceiling", ceiling, folder, shape, device, dtype, args.batch,
                            args.iters, args.compile)
     res["step_causes"] = timed("raw_train", step_causes, folder, shape, device,
-                               args.train_batch, args.iters)
+                               train_batch, args.iters)
     res["raw_train_pairs_s"] = res["step_causes"][CAUSES[0]]
     res["pipeline_img_s"] = timed("pipeline", pipeline_capacity, spec, shape["image"],
                                   args.workers, args.batch)
@@ -328,7 +330,7 @@ def run_shape(name: str, args: argparse.Namespace, work: Path, device: torch.dev
     res["medsig"] = timed("medsig_embed", medsig_embed, folder, spec, device,
                           work / f"store-{name}", args.batch, args.workers)
     res["medsig"]["train"] = timed("medsig_train", medsig_train, folder, spec, device,
-                                   work / f"train-{name}", args.train_batch, args.train_steps,
+                                   work / f"train-{name}", train_batch, args.train_steps,
                                    args.workers or max(1, available_cores() - 1), args.threads)
     res["stage_s"] = stages
     if device.type == "cuda":
@@ -341,7 +343,8 @@ def table(res: dict[str, Any]) -> list[str]:
     bound = min(c["pairs_per_s"], res["pipeline_img_s"])
     f = res["fidelity"]
     lines = [f"\n{res['shape']} ({res['params'] / 1e6:.0f} M parameters, like {res['like']}; "
-             f"{res['images']} images; {f['dtype']} vs fp32 cosine: image min "
+             f"{res['images']} images, train batch {res['train_batch']}; {f['dtype']} vs fp32 "
+             f"cosine: image min "
              f"{f['image_cos_min']:.5f}, text min {f['text_cos_min']:.5f})",
              f"{'what':<44}{'plain PyTorch':>15}{'medsig':>12}{'ratio':>8}",
              f"{'image tower forward (img/s)':<44}{c['image_per_s']:>15.1f}",
@@ -378,6 +381,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                     help="images for shapes above 224 px (their forward is ~20x slower)")
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--train-batch", type=int, default=128)
+    ap.add_argument("--train-batch-large", type=int, default=32,
+                    help="training batch above 224 px (MedSigLIP-448: ~1 GB of activations "
+                         "per image in bf16 without checkpointing)")
     ap.add_argument("--train-steps", type=int, default=16)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--workers", type=int, default=None)
