@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import math
 import types
 import typing
@@ -19,6 +18,7 @@ from typing import Any
 import yaml
 
 from medsig.errors import ConfigError
+from medsig.train.defaults import apply_init_defaults
 
 OBJECTIVES = ("contrastive", "classify", "probe")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -27,16 +27,6 @@ POSITIVES = ("same_class", "any_shared", "identical_text", "coarse")
 LOSSES = ("sigmoid", "multi_positive_sigmoid", "softmax")
 METHODS = ("full", "lora", "partial")
 INITS = ("auto", "random", "pretrained")
-
-# Defaults by starting point (docs/training.md, "Defaults by starting point"). A randomly
-# initialised model has everything to learn: a large learning rate, a short warm-up and many
-# epochs (tiny SigLIP on PneumoniaMNIST: test AUC 0.737 at 1e-5, 0.969 at 1e-3 x 20 epochs).
-# A pretrained checkpoint needs a small rate and few epochs, or it forgets what it knew.
-INIT_DEFAULTS: dict[str, dict[str, float]] = {
-    "random": {"lr": 1e-3, "epochs": 20, "warmup_ratio": 0.05},
-    "pretrained": {"lr": 1e-5, "epochs": 5, "warmup_ratio": 0.1},
-}
-TINY_MARKER = "medsig_tiny.json"  # written by medsig.models.tiny: a random checkpoint
 
 
 @dataclass
@@ -202,50 +192,6 @@ def load_config(source: TrainConfig | dict | str | Path,
                      else apply_init_defaults(cfg))
     validate(cfg, where)
     return cfg
-
-
-# ----------------------------------------------------------------------------- init defaults
-def detect_init(model: str) -> tuple[str, str]:
-    """('random' | 'pretrained', why) for a model id or folder.
-
-    Random: a medsig tiny checkpoint (its ``medsig_tiny.json`` marker), or a medsig output
-    folder trained from one (followed through ``medsig.json`` base models). Anything else,
-    hub ids included, counts as pretrained.
-    """
-    folder = Path(model) if model else None
-    for _ in range(8):
-        if folder is None or not folder.is_dir():
-            break
-        if (folder / TINY_MARKER).is_file():
-            how = "" if folder == Path(model) else f" (trained by medsig from {folder})"
-            return "random", f"a randomly initialised medsig tiny checkpoint{how}"
-        try:
-            base = json.loads((folder / "medsig.json").read_text()).get("base_model")
-        except (OSError, ValueError, AttributeError):
-            break
-        if not isinstance(base, str) or not base or Path(base) == folder:
-            break
-        folder = Path(base) if Path(base).is_absolute() else (folder / base)
-    return "pretrained", "not a medsig random checkpoint (hub id or trained weights)"
-
-
-def apply_init_defaults(cfg: TrainConfig) -> str:
-    """Fill optim.lr / epochs / warmup_ratio left unset from the starting point's defaults;
-    return the line the training loop prints (what was chosen, and why)."""
-    if cfg.init == "auto":
-        kind, why = detect_init(cfg.model)
-    else:
-        kind, why = cfg.init, f"init: {cfg.init}"
-    chosen = []
-    for key, value in INIT_DEFAULTS[kind].items():
-        given = getattr(cfg.optim, key)
-        if given is None:
-            setattr(cfg.optim, key, int(value) if key == "epochs" else float(value))
-        chosen.append(f"{key} {getattr(cfg.optim, key):g}"
-                      + (" (set)" if given is not None else ""))
-    return (f"starting point: {kind} ({why}); {', '.join(chosen)}, cosine schedule "
-            f"(defaults by starting point; change with init=random|pretrained or "
-            f"optim.lr / optim.epochs / optim.warmup_ratio)")
 
 
 def _relative_paths(raw: dict, base: Path) -> dict:
