@@ -236,9 +236,16 @@ async def find_similar(state: ServeState, data: bytes | None, text: str | None, 
 
 
 # -- routes ----------------------------------------------------------------------------------
-def _add_routes(app: FastAPI, state: ServeState, auth: list) -> None:  # noqa: C901
+def _add_routes(app: FastAPI, state: ServeState, auth: list) -> None:
+    """Every route, by group: the page and service facts, the model, search, thumbnails."""
+    _add_service_routes(app, state, auth)
+    _add_model_routes(app, state, auth)
+    _add_search_routes(app, state, auth)
+    _add_thumbnail_route(app, state, auth)
+
+
+def _add_service_routes(app: FastAPI, state: ServeState, auth: list) -> None:
     settings = state.settings
-    predictor = state.predictor
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
@@ -257,31 +264,49 @@ def _add_routes(app: FastAPI, state: ServeState, auth: list) -> None:  # noqa: C
              responses=ERRORS, tags=["model"])
     async def labels() -> S.LabelsResponse:
         """The model's heads: classes (readable states) and saved thresholds."""
-        return S.LabelsResponse(model=state.model, heads=safe.head_infos(predictor, state.heads),
-                                ood=safe.ood_info(predictor))
+        return S.LabelsResponse(model=state.model,
+                                heads=safe.head_infos(state.predictor, state.heads),
+                                ood=safe.ood_info(state.predictor))
 
+
+# multipart bodies are read by medsig.serve.security (size-limited, sniffed), not by FastAPI:
+# their OpenAPI description is declared here
+_PREDICT_OPENAPI = {**_body(["file"], {"file": _IMAGE_PART}), "parameters": [
+    {"name": "explain", "in": "query", "required": False,
+     "schema": {"type": "boolean", "default": False},
+     "description": "Add a saliency overlay (base64 PNG) per label."}]}
+
+
+def _add_model_routes(app: FastAPI, state: ServeState, auth: list) -> None:
     @app.post("/v1/predict", response_model=S.PredictResponse, dependencies=auth,
-              responses=ERRORS, tags=["model"],
-              openapi_extra={**_body(["file"], {"file": _IMAGE_PART}), "parameters": [
-                  {"name": "explain", "in": "query", "required": False,
-                   "schema": {"type": "boolean", "default": False},
-                   "description": "Add a saliency overlay (base64 PNG) per label."}]})
+              responses=ERRORS, tags=["model"], openapi_extra=_PREDICT_OPENAPI)
     async def predict(request: Request) -> S.PredictResponse:
         """Per-label probabilities, decisions at the saved thresholds, conformal states, the
         out-of-distribution gate and a summary."""
-        upload = await read_upload(request, settings.max_upload_bytes)
+        upload = await read_upload(request, state.settings.max_upload_bytes)
         explain = request.query_params.get("explain", "false").lower() in ("1", "true", "yes")
         return await assess(state, _require_file(upload), explain)
 
-    search_props = {"file": _IMAGE_PART, "text": {"type": "string", "maxLength": 2000},
-                    "k": {"type": "integer", "minimum": 1, "maximum": settings.max_k,
-                          "default": 5},
-                    "where": {"type": "array", "items": {"type": "string"}},
-                    "using": {"type": "string", "enum": ["image", "text"]}}
+
+def _search_openapi(max_k: int) -> dict[str, Any]:
+    props = {"file": _IMAGE_PART, "text": {"type": "string", "maxLength": 2000},
+             "k": {"type": "integer", "minimum": 1, "maximum": max_k, "default": 5},
+             "where": {"type": "array", "items": {"type": "string"}},
+             "using": {"type": "string", "enum": ["image", "text"]}}
+    return _body([], props, S.SearchQuery)
+
+
+_EMBED_OPENAPI = _body([], {"file": _IMAGE_PART, "text": {"type": "string", "maxLength": 2000}},
+                       S.EmbedQuery)
+
+
+def _add_search_routes(app: FastAPI, state: ServeState, auth: list) -> None:
+    settings = state.settings
+    not_found = {**ERRORS, 404: {"model": S.ErrorResponse}}
 
     @app.post("/v1/search", response_model=S.SearchResponse, dependencies=auth,
-              responses={**ERRORS, 404: {"model": S.ErrorResponse}}, tags=["search"],
-              openapi_extra=_body([], search_props, S.SearchQuery))
+              responses=not_found, tags=["search"],
+              openapi_extra=_search_openapi(settings.max_k))
     async def search(request: Request) -> S.SearchResponse:
         """The k most similar indexed cases to an image (form) or a text (form or JSON)."""
         start = time.perf_counter()
@@ -289,43 +314,48 @@ def _add_routes(app: FastAPI, state: ServeState, auth: list) -> None:  # noqa: C
             raise ApiError(404, "not_configured", "search is off: start the server with "
                                                   "--store and --collection")
         upload = await read_upload(request, settings.max_upload_bytes, allow_json=True)
-        if upload.is_json:
-            q = _json_query(upload, S.SearchQuery)
-            text, k, where, using = q.text, q.k, q.where, q.using
-        else:
-            text = upload.first("text") or None
-            k = _field_int(upload, "k", 5, 1, settings.max_k)
-            where = [w for w in upload.fields.get("where", []) if w.strip()]
-            using = upload.first("using") or "image"
-            if using not in ("image", "text"):
-                raise ApiError(422, "invalid_field", "'using' must be image or text")
-            if (upload.file is None) == (text is None):
-                raise ApiError(422, "missing_field",
-                               "send exactly one of the form fields 'file' or 'text'")
+        text, k, where, using = _search_query(upload, settings.max_k)
         return await find_similar(state, upload.file, text, k, where, using, start)
 
     @app.post("/v1/embed", response_model=S.EmbedResponse, dependencies=auth,
-              responses={**ERRORS, 404: {"model": S.ErrorResponse}}, tags=["search"],
-              openapi_extra=_body([], {"file": _IMAGE_PART,
-                                       "text": {"type": "string", "maxLength": 2000}},
-                                  S.EmbedQuery))
+              responses=not_found, tags=["search"], openapi_extra=_EMBED_OPENAPI)
     async def embed(request: Request) -> S.EmbedResponse:
         """The L2-normalised embedding of an image or a text."""
         start = time.perf_counter()
         upload = await read_upload(request, settings.max_upload_bytes, allow_json=True)
-        if upload.is_json:
-            text: str | None = _json_query(upload, S.EmbedQuery).text
-        else:
-            text = upload.first("text") or None
-            if (upload.file is None) == (text is None):
-                raise ApiError(422, "missing_field",
-                               "send exactly one of the form fields 'file' or 'text'")
+        text = (_json_query(upload, S.EmbedQuery).text if upload.is_json
+                else _one_of_file_or_text(upload))
         vector, decode_ms, info = await _embed(state, upload.file, text)
         return S.EmbedResponse(input="text" if upload.file is None else "image",
                                model=_embedder(state).name, dim=int(vector.shape[0]),
                                vector=[round(float(x), 7) for x in vector],
                                timing=_timing(start, decode_ms, info))
 
+
+def _one_of_file_or_text(upload: Any) -> str | None:
+    """The form's text field; exactly one of 'file' and 'text' must be sent."""
+    text = upload.first("text") or None
+    if (upload.file is None) == (text is None):
+        raise ApiError(422, "missing_field", "send exactly one of the form fields 'file' or "
+                                             "'text'")
+    return text
+
+
+def _search_query(upload: Any, max_k: int) -> tuple[str | None, int, list[str], str]:
+    """(text, k, where, using) of a search request, from JSON or from the form."""
+    if upload.is_json:
+        q = _json_query(upload, S.SearchQuery)
+        return q.text, q.k, q.where, q.using
+    text = _one_of_file_or_text(upload)
+    k = _field_int(upload, "k", 5, 1, max_k)
+    where = [w for w in upload.fields.get("where", []) if w.strip()]
+    using = upload.first("using") or "image"
+    if using not in ("image", "text"):
+        raise ApiError(422, "invalid_field", "'using' must be image or text")
+    return text, k, where, using
+
+
+def _add_thumbnail_route(app: FastAPI, state: ServeState, auth: list) -> None:
     @app.get("/v1/cases/{case_id}/thumbnail", dependencies=auth, tags=["search"],
              responses={**ERRORS, 404: {"model": S.ErrorResponse},
                         200: {"content": {"image/jpeg": {}}}},
@@ -334,23 +364,29 @@ def _add_routes(app: FastAPI, state: ServeState, auth: list) -> None:  # noqa: C
         """A small JPEG of an indexed case (by point id or row id)."""
         if state.store is None or state.image_root is None:
             raise ApiError(404, "not_configured", "thumbnails need an index and its image root")
-        try:
-            pid = str(uuid.UUID(case_id))
-        except ValueError:
-            pid = point_id(case_id)
-        point = await asyncio.get_running_loop().run_in_executor(
-            state.store_executor, partial(state.store.get, pid, False))
-        rel = None if point is None else (point.payload or {}).get("image")
-        path = None if point is None else resolve_image(state.image_root, rel)
-        if path is None and isinstance(rel, str) and rel and "\x00" not in rel \
-                and not inside_root(state.image_root / rel, state.image_root):
-            raise ApiError(403, "outside_root", f"the image of case '{case_id[:80]}' lies "
-                                                "outside the server's image root")
-        if path is None:
-            raise ApiError(404, "not_found", f"no image for case '{case_id[:80]}'")
+        path = await _case_image(state, case_id)
         data = await run_in_threadpool(_thumbnail, state, path)
         return Response(data, media_type="image/jpeg",
                         headers={"Cache-Control": "private, max-age=3600"})
+
+
+async def _case_image(state: ServeState, case_id: str) -> Path:
+    """The image file of an indexed case, inside the server's image root."""
+    try:
+        pid = str(uuid.UUID(case_id))
+    except ValueError:
+        pid = point_id(case_id)
+    point = await asyncio.get_running_loop().run_in_executor(
+        state.store_executor, partial(state.store.get, pid, False))
+    rel = None if point is None else (point.payload or {}).get("image")
+    path = None if point is None else resolve_image(state.image_root, rel)
+    if path is None and isinstance(rel, str) and rel and "\x00" not in rel \
+            and not inside_root(state.image_root / rel, state.image_root):
+        raise ApiError(403, "outside_root", f"the image of case '{case_id[:80]}' lies "
+                                            "outside the server's image root")
+    if path is None:
+        raise ApiError(404, "not_found", f"no image for case '{case_id[:80]}'")
+    return path
 
 
 async def _embed(state: ServeState, data: bytes | None, text: str | None
