@@ -67,9 +67,15 @@ def test_mlp_probe_masks_missing_and_loads(setup):
     from medsig.train.probe import train_probe
 
     root, spec, tiny = setup
-    out = train_probe(spec, tiny, root / "mlp", probe={"kind": "mlp", "mlp_epochs": 50})
+    out = train_probe(spec, tiny, root / "mlp", probe={"kind": "mlp", "mlp_epochs": 50,
+                                                       "hidden": [24, 12]})
     meta = json.loads((out / "medsig.json").read_text())
-    assert meta["probe"]["kind"] == "mlp" and meta["probe"]["hidden"] == 256
+    assert meta["probe"]["kind"] == "mlp" and meta["probe"]["hidden"] == [24, 12]
+    from safetensors.torch import load_file
+
+    shapes = [tuple(v.shape) for k, v in sorted(load_file(str(out / "probe.safetensors")).items())
+              if k.endswith("weight")]
+    assert shapes == [(24, meta["probe"]["dim"]), (12, 24), (meta["probe"]["outputs"], 12)]
     assert 1 <= meta["probe"]["best_epoch"] <= 50
     predictor = load_predictor(out)
     probs = predictor.predict_pixels(_pixels(predictor, load_collection(spec).image_paths[:3]))

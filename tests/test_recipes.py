@@ -143,6 +143,7 @@ def test_surgwound_partial_classify_and_mlp_probe(wound, like, root) -> None:
     assert 0 < adapt["trainable"] < adapt["total"]  # the first block stayed frozen
     probe = _train("surgwound-probe.yaml", wound, model, root / "sw-probe",
                    ["probe.mlp_epochs=5"])
+    assert json.loads((probe / "medsig.json").read_text())["probe"]["hidden"] == [512, 256]
     _eval_and_serve(wound, {"classify": out, "probe": probe}, root / "sw-eval",
                     ["classification"], out)
 

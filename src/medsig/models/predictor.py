@@ -31,18 +31,20 @@ PROBE_WEIGHTS = "probe.safetensors"
 
 
 class ProbeNet(nn.Module):
-    """Standardise → linear (logistic probe) or → hidden → ReLU → dropout → linear (MLP)."""
+    """Standardise → linear (logistic probe) or → (hidden → ReLU → dropout) per hidden
+    width → linear (MLP, e.g. 1152 → 512 → 256 → 6)."""
 
-    def __init__(self, dim: int, outputs: int, hidden: int | None = None,
+    def __init__(self, dim: int, outputs: int, hidden: int | Sequence[int] | None = None,
                  dropout: float = 0.0) -> None:
         super().__init__()
         self.register_buffer("mean", torch.zeros(dim))
         self.register_buffer("std", torch.ones(dim))
-        if hidden:
-            self.net = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Dropout(dropout),
-                                     nn.Linear(hidden, outputs))
-        else:
-            self.net = nn.Sequential(nn.Linear(dim, outputs))
+        widths = [hidden] if isinstance(hidden, int) else list(hidden or [])
+        layers: list[nn.Module] = []
+        for width in widths:
+            layers += [nn.Linear(dim, int(width)), nn.ReLU(), nn.Dropout(dropout)]
+            dim = int(width)
+        self.net = nn.Sequential(*layers, nn.Linear(dim, outputs))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net((x - self.mean) / self.std)

@@ -93,7 +93,7 @@ class ContrastiveConfig:
 class ProbeConfig:
     kind: str = "logistic"  # logistic | mlp
     C: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0])  # chosen on val
-    hidden: int = 256  # mlp
+    hidden: list[int] = field(default_factory=lambda: [256])  # mlp hidden widths (or one int)
     mlp_dropout: float = 0.2
     l2: float = 1e-3  # mlp weight decay
     mlp_epochs: int = 300  # full batch; the epoch with the best val loss is kept
@@ -372,6 +372,8 @@ def _convert(value: Any, kind: Any, name: str, where: str | None) -> Any:
     if origin is list:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]  # one value where a list is expected
         if not isinstance(value, (list, tuple)):
             raise bad
         return [_convert(v, args[0], name, where) for v in value]
@@ -414,6 +416,9 @@ def validate(cfg: TrainConfig, where: str | None = None) -> None:
         raise ConfigError("'blend': alphas in [0, 1], for contrastive / classify fine-tunes",
                           file=where)
     _choice(cfg.probe.kind, ("logistic", "mlp"), "probe.kind", where)
+    if not cfg.probe.hidden or any(h < 1 for h in cfg.probe.hidden):
+        raise ConfigError("probe.hidden: one or more layer widths >= 1, e.g. [512, 256]",
+                          file=where)
     _choice(cfg.data.text, TEXT_SOURCES, "data.text", where)
     _choice(cfg.contrastive.loss, LOSSES, "contrastive.loss", where)
     _choice(cfg.contrastive.positives, POSITIVES, "contrastive.positives", where)
