@@ -38,6 +38,21 @@ class ImageBatch:
         return self
 
 
+def load_pixels(path: Path, preprocess: Callable, draft_size: int | None = None,
+                augment: Callable | None = None, generator: torch.Generator | None = None
+                ) -> tuple[torch.Tensor | None, tuple[str, str] | None]:
+    """One image decoded, optionally augmented (seeded by ``generator``) and preprocessed:
+    ``(pixels, None)``, or ``(None, (reason, message))`` for an image that cannot be read.
+    The one decoding step of every dataset (embedding here, training in train/data.py)."""
+    try:
+        image = load_image(path, draft_size=draft_size)
+    except ImageError as exc:
+        return None, (exc.reason, str(exc))
+    if augment is not None:
+        image = augment(image, generator=generator)
+    return preprocess(image), None
+
+
 class _Images(Dataset):
     def __init__(self, paths: list[Path], rows: list[int], preprocess: Callable,
                  draft_size: int | None, texts: list[str] | None) -> None:
@@ -50,11 +65,8 @@ class _Images(Dataset):
     def __getitem__(self, i: int):
         row = self.rows[i]
         text = self.texts[i] if self.texts is not None else None
-        try:
-            image = load_image(self.paths[row], draft_size=self.draft_size)
-            return row, self.preprocess(image), None, text
-        except ImageError as exc:
-            return row, None, (exc.reason, str(exc)), text
+        pixels, error = load_pixels(self.paths[row], self.preprocess, self.draft_size)
+        return row, pixels, error, text
 
 
 def _collate(items, tokenize: Callable | None = None) -> ImageBatch:

@@ -40,11 +40,18 @@ def inference_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def training_precision(device: torch.device) -> str:
-    """accelerate's mixed_precision for ``device``: bf16, fp16 (loss scaling) or no."""
-    if device.type == "cuda":
+def training_precision(precision: str, device: torch.device) -> str:
+    """accelerate's mixed_precision for a config value on ``device``: ``no`` (fp32), ``bf16``
+    or ``fp16`` (loss scaling); ``auto`` is bf16 on GPUs that have it, fp16 on older ones,
+    fp32 elsewhere."""
+    p = check_precision(precision)
+    if p == "fp32" or (p == "auto" and device.type != "cuda"):
+        return "no"
+    if p == "auto":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "no"
+    if p == "fp16" and device.type == "cpu":
+        raise ConfigError("precision 'fp16' needs a GPU; use fp32 (or bf16) on CPU")
+    return p
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")

@@ -22,10 +22,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from medsig.data.collection import Collection, load_collection
-from medsig.data.images import load_image
+from medsig.data.reader import load_pixels
 from medsig.data.sampling import oversample_indices
 from medsig.data.text import render_text
-from medsig.errors import ConfigError, ImageError
+from medsig.errors import ConfigError
 from medsig.models.device import select_device
 from medsig.system import available_cores
 from medsig.train.config import TrainConfig
@@ -209,14 +209,11 @@ class RowImages(Dataset):
     def __getitem__(self, key: int | tuple[int, int]
                     ) -> tuple[int, torch.Tensor | None, str | None]:
         epoch, row = key if isinstance(key, tuple) else (0, key)
-        try:
-            image = load_image(self.paths[row], draft_size=self.draft_size)
-        except ImageError as exc:
-            return row, None, exc.reason
-        if self.augment is not None:
-            g = torch.Generator().manual_seed(seed_of(self.seed, "augment", epoch, row))
-            image = self.augment(image, generator=g)
-        return row, self.preprocess(image), None
+        g = (torch.Generator().manual_seed(seed_of(self.seed, "augment", epoch, row))
+             if self.augment is not None else None)
+        pixels, error = load_pixels(self.paths[row], self.preprocess, self.draft_size,
+                                    self.augment, g)
+        return row, pixels, error[0] if error else None
 
 
 def _collate(items: list[tuple[int, torch.Tensor | None, str | None]]) -> Batch:

@@ -49,7 +49,6 @@ from medsig.train.runtime import (
     make_optimizer,
     prepare,
     reset_accelerate,
-    resolve_precision,
 )
 
 
@@ -490,4 +489,4 @@ def _finish(cfg: TrainConfig, data: TrainData, objective: Objective, accelerator
 
 
 __all__ = ["MedsigError", "Objective", "make_accelerator", "reset_accelerate",
-           "resolve_precision", "train"]
+           "train"]

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from medsig.errors import ConfigError
+from medsig.models.device import select_device, training_precision
 from medsig.train.config import TrainConfig, load_config
 from medsig.train.optim import adamw
 
@@ -30,33 +31,16 @@ def reset_accelerate() -> None:
     GradientState._reset_state()
 
 
-def resolve_precision(precision: str, cpu: bool) -> str:
-    """accelerate's mixed_precision for a config value ('no', 'bf16' or 'fp16')."""
-    if precision == "fp32":
-        return "no"
-    if precision == "auto":
-        if cpu or not torch.cuda.is_available():
-            return "no"
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if precision == "fp16" and cpu:
-        raise ConfigError("precision 'fp16' needs a GPU; use fp32 (or bf16) on CPU")
-    return precision
-
-
 def make_accelerator(cfg: TrainConfig) -> Any:
     """The run's Accelerator; under `accelerate launch` / `torchrun` one per process (DDP)."""
     from accelerate import Accelerator
 
     if cfg.device not in ("auto", "cpu", "cuda", "mps"):
         raise ConfigError(f"'device' must be auto, cpu, cuda or mps, got '{cfg.device}'")
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' was requested but no CUDA GPU is available")
-    mps = getattr(torch.backends, "mps", None)
-    has_mps = bool(mps is not None and mps.is_available())
-    cpu = cfg.device == "cpu" or (not torch.cuda.is_available() and not
-                                  (has_mps and cfg.device in ("auto", "mps")))
+    device = select_device(cfg.device)  # one owner of the device choice (models/device.py)
     reset_accelerate()
-    accelerator = Accelerator(cpu=cpu, mixed_precision=resolve_precision(cfg.precision, cpu),
+    accelerator = Accelerator(cpu=device.type == "cpu",
+                              mixed_precision=training_precision(cfg.precision, device),
                               step_scheduler_with_optimizer=False)
     kind = accelerator.distributed_type.value
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true", "yes"):
