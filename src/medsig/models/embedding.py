@@ -115,18 +115,19 @@ def iter_embeddings(encoder: Encoder, collection: Collection, rows: list[int] | 
         queued = _launch(encoder, batch)  # batch k+1 queued before batch k is converted
         _add(timings, "model", start)
         if pending is not None:
-            start = time.perf_counter()
-            done = pending.finish()
-            _add(timings, "device_wait", start)
-            timings.setdefault("first_batch", time.perf_counter() - called)
-            yield done
+            yield _finish(pending, timings, called)
         pending = queued
     if pending is not None:
-        start = time.perf_counter()
-        done = pending.finish()
-        _add(timings, "device_wait", start)
-        timings.setdefault("first_batch", time.perf_counter() - called)
-        yield done
+        yield _finish(pending, timings, called)
+
+
+def _finish(pending: _InFlight, timings: dict[str, float], called: float) -> EmbeddedBatch:
+    """Wait for a queued batch's device work and bring it to the host (timed)."""
+    start = time.perf_counter()
+    done = pending.finish()
+    _add(timings, "device_wait", start)
+    timings.setdefault("first_batch", time.perf_counter() - called)
+    return done
 
 
 def embed_arrays(encoder: Encoder, collection: Collection, batch_size: int | None = None,
