@@ -147,24 +147,8 @@ def evaluate(spec: str | Path, models: dict[str, str], tasks: Sequence[str] = TA
         outputs[m] = o.take(np.array([pos[r] for r in common], dtype=np.int64))
     col = col.subset(np.asarray(common))
     hl = Headlines()
-    roc: dict[str, Any] = {"classification": {}, "zeroshot": {}}
-    curves: dict[str, Any] = {"roc": roc, "recall_at_k": {}}
-    results: dict[str, Any] = {t: {} for t in tasks}
-    safe: dict[str, Any] = {}
-    clinical: dict[str, Any] = {}
-    for m, o in outputs.items():
-        if "classification" in tasks:
-            results["classification"][m] = classification(col, o, hl, m, roc["classification"])
-        if "zeroshot" in tasks:
-            results["zeroshot"][m] = zeroshot(col, o, hl, m, roc["zeroshot"])
-        if "retrieval" in tasks:
-            results["retrieval"][m] = retrieval(col, o, hl, m, curves["recall_at_k"],
-                                                batchwise_size, seed)
-        if "clustering" in tasks:
-            results["clustering"][m] = clustering(col, o, hl, m, seed)
-        if "classification" in tasks:  # calibration, conformal, OOD (evaluate/safety.py)
-            safe[m] = safe_outputs(col, o, models[m])
-            clinical[m] = clinical_tables(col, o, n_boot, seed)  # evaluate/clinical.py
+    results, safe, clinical, curves = _run_tasks(col, outputs, models, tasks, hl, n_boot,
+                                                 batchwise_size, seed)
     headline, paired, winners = validity(hl, list(models), col.groups, n_boot, seed)
     curves["tsne"] = _tsne(col, outputs, seed)
     metrics = clean_json({
@@ -221,3 +205,29 @@ def _fidelity(full: Collection, idx: np.ndarray, col: Collection, hl: Headlines,
         found["audit"] = clean_json(audit_subgroups(col, hl, outputs, None, None,
                                                     min(n_boot, 100), seed))
     return found
+
+
+def _run_tasks(col: Collection, outputs: dict[str, ModelOutputs], models: dict[str, str],
+               tasks: Sequence[str], hl: Headlines, n_boot: int, batchwise_size: int,
+               seed: int) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any],
+                                   dict[str, Any]]:
+    """Every task for every model: (results per task, safe outputs, clinical tables,
+    curves); headline statistics are recorded in ``hl``."""
+    roc: dict[str, Any] = {"classification": {}, "zeroshot": {}}
+    curves: dict[str, Any] = {"roc": roc, "recall_at_k": {}}
+    results: dict[str, Any] = {t: {} for t in tasks}
+    safe: dict[str, Any] = {}
+    clinical: dict[str, Any] = {}
+    for m, o in outputs.items():
+        if "classification" in tasks:
+            results["classification"][m] = classification(col, o, hl, m, roc["classification"])
+            safe[m] = safe_outputs(col, o, models[m])  # calibration, conformal, OOD
+            clinical[m] = clinical_tables(col, o, n_boot, seed)  # evaluate/clinical.py
+        if "zeroshot" in tasks:
+            results["zeroshot"][m] = zeroshot(col, o, hl, m, roc["zeroshot"])
+        if "retrieval" in tasks:
+            results["retrieval"][m] = retrieval(col, o, hl, m, curves["recall_at_k"],
+                                                batchwise_size, seed)
+        if "clustering" in tasks:
+            results["clustering"][m] = clustering(col, o, hl, m, seed)
+    return results, safe, clinical, curves
