@@ -92,7 +92,7 @@ def main() -> None:
     n_derm, n_wound, size = (300, 240, 48) if args.quick else (900, 600, 64)
     work = args.work or Path(tempfile.mkdtemp(prefix="medsig-blend-"))
     logs = work / "logs"
-    from medsig.evaluate.retention import choose_alpha
+    from medsig.evaluate.blending import choose_alpha
     from medsig.evaluate.run import evaluate
     from medsig.models.blend import alpha_name
     from medsig.models.tiny import write_tiny

@@ -44,7 +44,7 @@ def test_ledger_counts_uses_and_warns(tmp_path):
 
 
 def test_alpha_selection_on_val_with_the_specs_retention_check(tmp_path_factory):
-    from medsig.evaluate.retention import choose_alpha
+    from medsig.evaluate.blending import choose_alpha
     from medsig.evaluate.run import evaluate
 
     env = eval_env(tmp_path_factory)

@@ -199,7 +199,7 @@ def model_blend(
         for folder in blend(base, tuned, alphas, out):
             console.print(f"wrote {folder}")
         return
-    from medsig.evaluate.retention import choose_alpha
+    from medsig.evaluate.blending import choose_alpha
 
     res = choose_alpha(select, base, str(tuned), alphas, out, metric, split, n_boot=n_boot)
     for row in res["rows"]:

@@ -156,7 +156,7 @@ def _column(col: Any, column: str) -> np.ndarray:
 
 def audit_section(metrics: dict[str, Any]) -> list[tuple[Any, ...]]:
     """Report blocks: flagged subgroups first, then each model's cluster table."""
-    from medsig.evaluate.report import fmt
+    from medsig.evaluate.figures import fmt
 
     aud = metrics.get("audit") or {}
     if not aud.get("models"):

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from medsig.errors import ConfigError
 from medsig.evaluate import TASKS
-from medsig.evaluate.report import fmt
+from medsig.evaluate.figures import fmt
 from medsig.progress import make_console, print_table
 
 

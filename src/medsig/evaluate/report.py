@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +18,10 @@ import numpy as np
 
 from medsig.evaluate.clinical import display_name
 from medsig.evaluate.clinical import report_blocks as clinical_blocks
+from medsig.evaluate.figures import figure as _figure
+from medsig.evaluate.figures import fmt, fmt_ci
+from medsig.evaluate.figures import line_figure as _line_figure
+from medsig.evaluate.figures import png as _png
 
 Block = tuple[Any, ...]
 
@@ -45,24 +48,6 @@ HOW_TO_READ = [
 
 
 # -- formatting --------------------------------------------------------------------------------
-def fmt(v: Any, digits: int = 3) -> str:
-    if v is None or (isinstance(v, float) and not np.isfinite(v)):
-        return "–"
-    if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
-        return str(int(v))
-    if isinstance(v, (float, np.floating)):
-        return f"{float(v):.{digits}f}"
-    return str(v)
-
-
-def fmt_ci(r: dict[str, Any] | None) -> str:
-    if not r:
-        return "–"
-    if r.get("low") is None or r.get("high") is None:
-        return fmt(r.get("point"))
-    return f"{fmt(r.get('point'))} [{fmt(r['low'])}, {fmt(r['high'])}]"
-
-
 def _get(d: Any, *keys: str) -> Any:
     for k in keys:
         if not isinstance(d, dict) or k not in d:
@@ -72,49 +57,6 @@ def _get(d: Any, *keys: str) -> Any:
 
 
 # -- figures -----------------------------------------------------------------------------------
-def tsne_map(emb: np.ndarray, seed: int = 0) -> np.ndarray:
-    """2-D t-SNE of (n, d) embeddings (cosine distances), n >= 5; exact below 500 points
-    (Barnes-Hut's threads gain nothing there and stall on a busy machine)."""
-    from sklearn.manifold import TSNE
-
-    n = len(emb)
-    perplexity = float(min(30.0, max(2.0, (n - 1) / 3.0)))
-    return TSNE(n_components=2, perplexity=perplexity, init="pca", learning_rate="auto",
-                metric="cosine", method="exact" if n <= 500 else "barnes_hut",
-                random_state=seed).fit_transform(np.asarray(emb, np.float64))
-
-
-def _figure(width: float = 4.6, height: float = 3.6) -> Any:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=90)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _png(fig: Any) -> bytes:
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
-
-
-def _line_figure(title: str, xlabel: str, ylabel: str, series: dict[str, tuple[list, list]],
-                 diagonal: bool = False, markers: bool = False) -> bytes:
-    fig = _figure()
-    ax = fig.add_subplot(1, 1, 1)
-    if diagonal:
-        ax.plot([0, 1], [0, 1], color="#999", lw=0.8, ls="--")
-    for name, (x, y) in series.items():
-        ax.plot(x, [np.nan if v is None else v for v in y], lw=1.6, label=name,
-                marker="o" if markers else None, ms=3)
-    ax.set(title=title, xlabel=xlabel, ylabel=ylabel, ylim=(0, 1.02))
-    ax.title.set_fontsize(10)
-    ax.legend(fontsize=7, loc="lower right")
-    return _png(fig)
-
-
 def roc_figures(metrics: dict[str, Any]) -> list[Block]:
     out: list[Block] = []
     for task, per_label in (_get(metrics, "curves", "roc") or {}).items():

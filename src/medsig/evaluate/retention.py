@@ -11,9 +11,8 @@ the retention metric.
 
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +34,11 @@ def retention_target(spec: DatasetSpec, split: str) -> tuple[str, Path, str] | N
 
 
 def retention_check(spec: DatasetSpec, models: dict[str, str], split: str,
-                    out: Path | None, **kwargs: Any) -> dict[str, Any] | None:
-    """The retention metric (95% CI) of every model; None when the spec names none."""
-    from medsig.evaluate.run import TASKS, evaluate
+                    out: Path | None, evaluate: Callable[..., dict[str, Any]],
+                    **kwargs: Any) -> dict[str, Any] | None:
+    """The retention metric (95% CI) of every model, measured with ``evaluate``
+    (``medsig.evaluate.run.evaluate``, passed in by it); None when the spec names none."""
+    from medsig.evaluate import TASKS
 
     target = retention_target(spec, split)
     if target is None:
@@ -109,46 +110,9 @@ def pick_alpha(rows: Sequence[dict[str, Any]], keep: float = KEEP, recover: floa
     return {"alpha": best["alpha"], "model": best["model"], "meets": False}
 
 
-def choose_alpha(spec: str | Path, base: str, tuned: str, alphas: Sequence[float],
-                 out: str | Path, metric: str, split: str = "val", **kwargs: Any
-                 ) -> dict[str, Any]:
-    """Blend, evaluate every alpha on ``split`` (in-domain ``metric`` + retention), pick.
-
-    The retention check runs on the same ``split`` of its collection (never test), so the
-    choice never looks at a test set. Writes ``out/blend_selection.json``.
-    """
-    from medsig.evaluate.run import evaluate
-    from medsig.models.blend import alpha_name, blend
-
-    loaded = DatasetSpec.load(spec)
-    if not loaded.retention:
-        raise ConfigError("the spec names no retention check (retention: {metric: ...})",
-                          file=loaded.path)
-    alphas = sorted(set(alphas) | {0.0, 1.0})
-    out = Path(out)
-    folders = blend(base, tuned, alphas, out)
-    models = {alpha_name(a): str(f) for a, f in zip(alphas, folders)}
-    res = evaluate(spec, models, tasks=[metric.split("/")[0]], split=split,
-                   out=out / "select", report=False, retention_split=split, audit=False,
-                   purpose="select", **kwargs)
-    in_domain = (res.get("headline") or {}).get(metric)
-    if in_domain is None:
-        raise ConfigError(f"--metric '{metric}' was not measured (measured: "
-                          f"{', '.join(res.get('headline') or {})})")
-    rows = alpha_table(in_domain, res["retention"]["models"],
-                       {alpha_name(a): a for a in alphas})
-    choice = {"metric": metric, "split": split, "retention": {
-        k: v for k, v in res["retention"].items() if k != "models"},
-        "rows": rows, "choice": pick_alpha(rows), "keep": KEEP, "recover": RECOVER}
-    from medsig.models.artifact import clean_json
-
-    (out / "blend_selection.json").write_text(json.dumps(clean_json(choice), indent=1) + "\n")
-    return choice
-
-
 def retention_section(metrics: dict[str, Any]) -> list[tuple[Any, ...]]:
     """Report blocks: the retention metric per model."""
-    from medsig.evaluate.report import fmt, fmt_ci
+    from medsig.evaluate.figures import fmt, fmt_ci
 
     ret = metrics.get("retention")
     if not ret:

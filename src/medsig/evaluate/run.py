@@ -62,7 +62,7 @@ def check_leakage(full: Collection) -> dict[str, Any]:
 
 
 def _tsne(col: Collection, outputs: dict[str, ModelOutputs], seed: int) -> dict[str, Any]:
-    from medsig.evaluate.report import tsne_map
+    from medsig.evaluate.figures import tsne_map
 
     main = main_label(col)
     colour = next((k for k, v in col.labels.items() if v.parent == main), main) \
@@ -191,7 +191,7 @@ def _fidelity(full: Collection, idx: np.ndarray, col: Collection, hl: Headlines,
         if opts["retention_split"] is not None and spec_r.retention:
             spec_r.retention = {**spec_r.retention, "split": opts["retention_split"]}
         found["retention"] = clean_json(retention_check(
-            spec_r, {m: str(p) for m, p in models.items()}, split, out_dir,
+            spec_r, {m: str(p) for m, p in models.items()}, split, out_dir, evaluate,
             batch_size=opts["batch_size"], n_boot=n_boot, seed=seed, device=device,
             num_workers=opts["num_workers"], duplicates=None))
     if split == "test":

@@ -145,7 +145,7 @@ def _ood_blocks(per_model: dict[str, Any]) -> list[tuple]:
 
 
 def _reliability(per_model: dict[str, Any]) -> list[tuple]:
-    from medsig.evaluate.report import _line_figure
+    from medsig.evaluate.figures import line_figure as _line_figure
 
     out = []
     for m, r in per_model.items():
