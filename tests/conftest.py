@@ -80,3 +80,19 @@ def write_wound_spec(tmp_path: Path, spec: str = WOUND_SPEC, csv: str = WOUND_CS
 @pytest.fixture
 def wound_spec(tmp_path: Path) -> Path:
     return write_wound_spec(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random SigLIP checkpoint (32 px), one per test module."""
+    from medsig.models.tiny import write_tiny
+
+    return write_tiny(tmp_path_factory.mktemp("model") / "siglip", arch="siglip", image_size=32)
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_model: Path):
+    """The tiny checkpoint loaded as a medsig Encoder."""
+    from medsig.models.encoder import Encoder
+
+    return Encoder.load(tiny_model)

@@ -19,16 +19,6 @@ from medsig.models.tiny import write_tiny
 from tests.conftest import write_wound_spec
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return write_tiny(tmp_path_factory.mktemp("model") / "siglip", arch="siglip", image_size=32)
-
-
-@pytest.fixture(scope="module")
-def encoder(tiny_model):
-    return Encoder.load(tiny_model)
-
-
 def _images(spec_dir, names, seed=0):
     rng = np.random.default_rng(seed)
     for name in names:

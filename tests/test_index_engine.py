@@ -18,21 +18,9 @@ from medsig.index.runner import embed_collection
 from medsig.index.search import parse_where
 from medsig.index.store import VectorStore, close_store, point_id
 from medsig.index.transfer import export_collection, import_collection
-from medsig.models.encoder import Encoder
-from medsig.models.tiny import write_tiny
 from tests.conftest import WOUND_CSV, write_wound_spec
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return write_tiny(tmp_path_factory.mktemp("model") / "siglip", arch="siglip", image_size=32)
-
-
-@pytest.fixture(scope="module")
-def encoder(tiny_model):
-    return Encoder.load(tiny_model)
 
 
 def _spec(tmp_path: Path) -> Path:
