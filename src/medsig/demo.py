@@ -40,15 +40,9 @@ class _Steps:
 
 def run_demo(out: str | Path = "runs/demo", n: int = DEMO_N, seed: int = 0,
              console: Console | None = None) -> dict[str, Any]:
-    from medsig.data.collection import load_collection
-    from medsig.data.inspect import inspect_collection
-    from medsig.data.split import set_spec_splits, split_collection, write_split
-    from medsig.data.synth import synthesize
-    from medsig.index.runner import embed_collection
-    from medsig.index.search import search
+    """The main job end to end in ``out``: data, split, index + search, three fine-tunes,
+    one evaluation report; ``summary.json`` and ``README.md`` say what happened."""
     from medsig.index.store import close_client
-    from medsig.models.encoder import Encoder
-    from medsig.models.tiny import write_tiny
 
     console = console or Console()
     out = Path(out)
@@ -58,60 +52,13 @@ def run_demo(out: str | Path = "runs/demo", n: int = DEMO_N, seed: int = 0,
     out.mkdir(parents=True)
     steps = _Steps(console)
     start, cpu_start, load_start = time.perf_counter(), time.process_time(), os.getloadavg()[0]
-
-    spec_path = steps.run("generate dermatology data", synthesize, "derm", out / "data", n=n,
-                          seed=seed)
-    model_dir = steps.run("write tiny SigLIP model", write_tiny, out / "models" / "base",
-                          arch="siglip", seed=seed)
-    collection = load_collection(spec_path)
-    report = steps.run("inspect", inspect_collection, collection)
-    console.print(f"{report.rows} rows, {report.groups} cases, "
-                  f"{len(report.labels)} labels; {len(report.warnings)} warning(s)")
-    for w in report.warnings:
-        console.print(f"[yellow]warning:[/] {w}")
-
-    result = steps.run("split by case (stratified)", split_collection, collection, seed=seed)
-    splits_path, _ = write_split(collection, result, spec_path.parent)
-    set_spec_splits(spec_path, splits_path.name)
-    console.print(", ".join(f"{k} {v}" for k, v in result.counts().items()))
-
-    collection = load_collection(spec_path)
-    encoder = Encoder.load(model_dir)
+    spec_path, model_dir, report, result = _prepare(steps, out, n, seed, console)
     store = out / "qdrant"
-    embed = steps.run("embed + index into Qdrant", embed_collection, collection, encoder,
-                      store, "derm", progress=False)
-    console.print(f"{embed.embedded} images embedded at {embed.images_per_second:.0f} images/s "
-                  f"-> {embed.points_after} points")
-    again = steps.run("re-run embed (resumes, adds nothing)", embed_collection, collection,
-                      encoder, store, "derm", progress=False)
-    console.print(f"second run: {again.embedded} embedded, {again.already_indexed} already "
-                  f"indexed, {again.points_after} points")
-
-    test_rows = [i for i in range(len(collection)) if collection.split[i] == "test"]
-    query_row = test_rows[0]
-    condition = collection.labels["condition"].readable(query_row)
-    queries = {
-        "by image": dict(image=collection.image_paths[query_row]),
-        "by text": dict(text=f"A dermatological image showing {condition.split(', ')[0]}."),
-        "by id, train split only": dict(id=collection.ids[query_row], where=["split=train"]),
-    }
-    searches = {}
-    for name, query in queries.items():
-        hits = steps.run(f"search {name}", search, store, "derm", encoder=encoder, k=5, **query)
-        searches[name] = {"query": {k: str(v) for k, v in query.items()},
-                          "hits": [{"id": h.id, "score": round(h.score, 4),
-                                    "case": h.payload.get("id"),
-                                    "condition": h.payload["labels"].get("condition"),
-                                    "split": h.payload.get("split")} for h in hits]}
-        for h in hits:
-            console.print(f"  {h.score:.3f}  {h.payload.get('id')}  "
-                          f"{h.payload['labels'].get('condition')}  ({h.payload.get('split')})")
-    close_client(store)
-
+    collection, embed, again, searches = _index_and_search(steps, spec_path, model_dir, store,
+                                                           console)
     models = _train_models(steps, spec_path, model_dir, out / "models", seed, console)
     evaluation = _evaluate(steps, spec_path, {"base": str(model_dir), **models},
                            out / "report", seed, console)
-
     summary = {
         "data": str(spec_path), "model": str(model_dir), "store": str(store),
         "rows": len(collection), "split": result.counts(), "inspect": report.to_dict(),
@@ -132,6 +79,80 @@ def run_demo(out: str | Path = "runs/demo", n: int = DEMO_N, seed: int = 0,
                   f"\n  medsig serve --model {models['classify']} --store {store} "
                   f"--collection derm")
     return summary
+
+
+def _prepare(steps: _Steps, out: Path, n: int, seed: int, console: Console
+             ) -> tuple[Path, Path, Any, Any]:
+    """Generated data, the tiny random model, inspection and the split by case."""
+    from medsig.data.collection import load_collection
+    from medsig.data.inspect import inspect_collection
+    from medsig.data.split import set_spec_splits, split_collection, write_split
+    from medsig.data.synth import synthesize
+    from medsig.models.tiny import write_tiny
+
+    spec_path = steps.run("generate dermatology data", synthesize, "derm", out / "data", n=n,
+                          seed=seed)
+    model_dir = steps.run("write tiny SigLIP model", write_tiny, out / "models" / "base",
+                          arch="siglip", seed=seed)
+    collection = load_collection(spec_path)
+    report = steps.run("inspect", inspect_collection, collection)
+    console.print(f"{report.rows} rows, {report.groups} cases, "
+                  f"{len(report.labels)} labels; {len(report.warnings)} warning(s)")
+    for w in report.warnings:
+        console.print(f"[yellow]warning:[/] {w}")
+    result = steps.run("split by case (stratified)", split_collection, collection, seed=seed)
+    splits_path, _ = write_split(collection, result, spec_path.parent)
+    set_spec_splits(spec_path, splits_path.name)
+    console.print(", ".join(f"{k} {v}" for k, v in result.counts().items()))
+    return spec_path, model_dir, report, result
+
+
+def _index_and_search(steps: _Steps, spec_path: Path, model_dir: Path, store: Path,
+                      console: Console) -> tuple[Any, Any, Any, dict[str, Any]]:
+    """Embed + index (twice: the second run resumes), then search by image, text and id."""
+    from medsig.data.collection import load_collection
+    from medsig.index.runner import embed_collection
+    from medsig.index.store import close_client
+    from medsig.models.encoder import Encoder
+
+    collection = load_collection(spec_path)
+    encoder = Encoder.load(model_dir)
+    embed = steps.run("embed + index into Qdrant", embed_collection, collection, encoder,
+                      store, "derm", progress=False)
+    console.print(f"{embed.embedded} images embedded at {embed.images_per_second:.0f} images/s "
+                  f"-> {embed.points_after} points")
+    again = steps.run("re-run embed (resumes, adds nothing)", embed_collection, collection,
+                      encoder, store, "derm", progress=False)
+    console.print(f"second run: {again.embedded} embedded, {again.already_indexed} already "
+                  f"indexed, {again.points_after} points")
+    searches = _searches(steps, collection, encoder, store, console)
+    close_client(store)
+    return collection, embed, again, searches
+
+
+def _searches(steps: _Steps, collection: Any, encoder: Any, store: Path, console: Console
+              ) -> dict[str, Any]:
+    from medsig.index.search import search
+
+    query_row = next(i for i in range(len(collection)) if collection.split[i] == "test")
+    condition = collection.labels["condition"].readable(query_row)
+    queries = {
+        "by image": dict(image=collection.image_paths[query_row]),
+        "by text": dict(text=f"A dermatological image showing {condition.split(', ')[0]}."),
+        "by id, train split only": dict(id=collection.ids[query_row], where=["split=train"]),
+    }
+    searches = {}
+    for name, query in queries.items():
+        hits = steps.run(f"search {name}", search, store, "derm", encoder=encoder, k=5, **query)
+        searches[name] = {"query": {k: str(v) for k, v in query.items()},
+                          "hits": [{"id": h.id, "score": round(h.score, 4),
+                                    "case": h.payload.get("id"),
+                                    "condition": h.payload["labels"].get("condition"),
+                                    "split": h.payload.get("split")} for h in hits]}
+        for h in hits:
+            console.print(f"  {h.score:.3f}  {h.payload.get('id')}  "
+                          f"{h.payload['labels'].get('condition')}  ({h.payload.get('split')})")
+    return searches
 
 
 def _train_models(steps: _Steps, spec: Path, base: Path, out: Path, seed: int,
