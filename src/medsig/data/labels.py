@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,6 +114,15 @@ def _encode_binary(lab: LabelSpec, frame: pd.DataFrame, missing: set[str], file:
     return EncodedLabel(lab.name, "binary", list(states), out, column=lab.column)
 
 
+def _class_list(lab: LabelSpec, observed: Iterable[str]) -> list[str]:
+    """The spec's classes in their order, else the observed values sorted; never an
+    excluded value."""
+    excluded = set(lab.exclude)
+    if lab.classes is not None:
+        return [c for c in lab.classes if c not in excluded]
+    return sorted({v for v in observed if v not in excluded})
+
+
 def _encode_multiclass(lab: LabelSpec, frame: pd.DataFrame, missing: set[str], file: Path
                        ) -> EncodedLabel:
     values: list[str | None] = []
@@ -122,10 +132,7 @@ def _encode_multiclass(lab: LabelSpec, frame: pd.DataFrame, missing: set[str], f
         else:
             values.append(lab.mapping.get(str(raw).strip(), str(raw).strip()))
     excluded = set(lab.exclude)
-    if lab.classes is not None:
-        classes = [c for c in lab.classes if c not in excluded]
-    else:
-        classes = sorted({v for v in values if v is not None and v not in excluded})
+    classes = _class_list(lab, (v for v in values if v is not None))
     index = {c: k for k, c in enumerate(classes)}
     out = np.full(len(frame), -1, dtype=np.int64)
     for i, value in enumerate(values):
@@ -188,10 +195,7 @@ def _encode_multilabel(lab: LabelSpec, frame: pd.DataFrame, missing: set[str], f
         items = [v for v in items if v not in missing]
         rows.append(items if items else None)  # an empty list carries no label: missing
     excluded = set(lab.exclude)
-    if lab.classes is not None:
-        classes = [c for c in lab.classes if c not in excluded]
-    else:
-        classes = sorted({v for r in rows if r for v in r if v not in excluded})
+    classes = _class_list(lab, (v for r in rows if r for v in r))
     index = {c: k for k, c in enumerate(classes)}
     targets = np.zeros((len(frame), len(classes)), dtype=np.float32)
     weights = (np.zeros((len(frame), len(classes)), dtype=np.float32)

@@ -90,6 +90,15 @@ def _value(fn: Callable[..., float], arrays: Sequence[np.ndarray]) -> float:
         return float("nan")
 
 
+def _replicates(rs: Resampler, n_boot: int, value: Callable[[np.ndarray], float]
+                ) -> np.ndarray:
+    """``value(idx)`` on each of `n_boot` resamples, drawn in order."""
+    values = np.empty(n_boot)
+    for i in range(n_boot):
+        values[i] = value(rs.draw())
+    return values
+
+
 def _interval(values: np.ndarray, alpha: float) -> tuple[float, float]:
     ok = values[np.isfinite(values)]
     if not ok.size:
@@ -105,10 +114,7 @@ def bootstrap_ci(metric_fn: Callable[..., float], *arrays: Any, groups: Any = No
     arrs, n = _arrays(arrays)
     point = float(metric_fn(*arrs))
     rs = Resampler(n, groups, seed)
-    values = np.empty(n_boot)
-    for b in range(n_boot):
-        idx = rs.draw()
-        values[b] = _value(metric_fn, [a[idx] for a in arrs])
+    values = _replicates(rs, n_boot, lambda idx: _value(metric_fn, [a[idx] for a in arrs]))
     low, high = _interval(values, alpha)
     return BootstrapResult(point, low, high, alpha, n_boot, int((~np.isfinite(values)).sum()),
                            "rows" if groups is None else "groups", rs.n_units)
@@ -131,11 +137,8 @@ def paired_bootstrap(metric_fn: Callable[..., float], arrays_a: Sequence[Any],
     a, b = float(metric_fn(*arrs_a)), float(metric_fn(*arrs_b))
     diff = a - b
     rs = Resampler(n, groups, seed)
-    values = np.empty(n_boot)
-    for i in range(n_boot):
-        idx = rs.draw()
-        values[i] = _value(metric_fn, [x[idx] for x in arrs_a]) \
-            - _value(metric_fn, [x[idx] for x in arrs_b])
+    values = _replicates(rs, n_boot, lambda idx: _value(metric_fn, [x[idx] for x in arrs_a])
+                         - _value(metric_fn, [x[idx] for x in arrs_b]))
     low, high = _interval(values, alpha)
     ok = values[np.isfinite(values)]
     p = float(min(1.0, 2 * min((ok <= 0).mean(), (ok >= 0).mean()))) if ok.size else float("nan")

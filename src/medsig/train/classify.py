@@ -187,9 +187,7 @@ class ClassifyObjective:
         probs = self.probabilities(logits).cpu().numpy()
         bce_aucs, mc_aucs = [], []
         for h in self.heads:
-            y = self._onehot_targets(h, rows)
-            aucs = [a for a in (_auc(y[:, j], probs[:, h.offset + j]) for j in range(h.size))
-                    if a is not None]
+            aucs = output_aucs(h, self._onehot_targets(h, rows), probs)
             if aucs:
                 metrics[f"val/auc/{h.name}"] = float(np.mean(aucs))
             (mc_aucs if h.kind == "multiclass" else bce_aucs).extend(aucs)
@@ -232,6 +230,13 @@ class ClassifyObjective:
                 self.processor.save_pretrained(out_dir)
             write_record(out_dir, self.family, self.preprocess)
         return {"heads": heads, "prompts": {}, "image_size": self.image_size}
+
+
+def output_aucs(h: Head, y: np.ndarray, probs: np.ndarray) -> list[float]:
+    """The defined one-vs-rest AUCs of a head's outputs: `y` its (n, size) 0/1 targets (-1
+    missing), `probs` every head's (n, k) probabilities."""
+    aucs = (_auc(y[:, j], probs[:, h.offset + j]) for j in range(h.size))
+    return [a for a in aucs if a is not None]
 
 
 def _auc(y: np.ndarray, p: np.ndarray) -> float | None:

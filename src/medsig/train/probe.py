@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from medsig.errors import ConfigError
 from medsig.models.heads import Head, head_probabilities
 from medsig.models.predictor import PROBE_WEIGHTS, ProbeNet
-from medsig.train.classify import _auc, build_heads
+from medsig.train.classify import build_heads, output_aucs
 from medsig.train.config import TrainConfig, load_config
 from medsig.train.losses import pos_weight_from_targets
 
@@ -39,9 +39,7 @@ def head_aucs(heads: list[Head], collection: Any, probs: np.ndarray) -> dict[str
     """Mean one-vs-rest AUC per head and their macro average (NaN-free keys only)."""
     out: dict[str, float] = {}
     for h in heads:
-        y = h.onehot(collection.labels[h.name].targets)
-        aucs = [a for a in (_auc(y[:, j], probs[:, h.offset + j]) for j in range(h.size))
-                if a is not None]
+        aucs = output_aucs(h, h.onehot(collection.labels[h.name].targets), probs)
         if aucs:
             out[f"val/auc/{h.name}"] = float(np.mean(aucs))
     if out:
