@@ -29,7 +29,7 @@ from transformers import AutoModel, AutoProcessor, AutoTokenizer
 from medsig.data.collection import load_collection
 from medsig.data.images import load_image
 from medsig.index.runner import embed_collection
-from medsig.index.store import close_client
+from medsig.index.store import close_store
 from medsig.models.encoder import Encoder
 from medsig.models.tiny import write_tiny
 
@@ -138,7 +138,7 @@ def main() -> None:
                                   batch_size=args.batch_size, num_workers=args.workers,
                                   progress=False)
         ours_ips = report.images_per_second
-        close_client(work / "q-medsig")
+        close_store(work / "q-medsig")
         s = report.seconds
         print()
         print(f"{'pipeline':52s} {'images/s':>9s}")

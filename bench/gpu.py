@@ -234,7 +234,7 @@ def medsig_embed(folder: Path, spec: Path, device: torch.device, store: Path, ba
     """embed_collection (into the embedded store) and the eval pass (embed_arrays)."""
     from medsig.data.collection import load_collection
     from medsig.index.runner import embed_collection
-    from medsig.index.store import close_client
+    from medsig.index.store import close_store
     from medsig.models.embedding import embed_arrays
     from medsig.models.encoder import Encoder
 
@@ -246,7 +246,7 @@ def medsig_embed(folder: Path, spec: Path, device: torch.device, store: Path, ba
         rep = embed_collection(col, enc, store, "bench", batch_size=batch,
                                num_workers=workers, progress=False)
     finally:
-        close_client(store)
+        close_store(store)
     t = time.perf_counter()
     image, _, rows, _ = embed_arrays(enc, col, batch, workers)
     sync(device)

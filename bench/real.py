@@ -241,7 +241,7 @@ def covid(shared: Path, work: Path) -> dict[str, Any]:
     from medsig.evaluate.run import evaluate
     from medsig.index.runner import embed_collection
     from medsig.index.search import search
-    from medsig.index.store import close_client
+    from medsig.index.store import close_store
     from medsig.models.tiny import write_tiny
     from medsig.train.probe import train_probe
 
@@ -271,7 +271,7 @@ def covid(shared: Path, work: Path) -> dict[str, Any]:
     hits_image = step("search by image, PA only", lambda: search(
         out / "qdrant", "cxr", image=col.image_paths[0], model=str(base), k=5,
         where=["view=PA"]))
-    close_client(out / "qdrant")
+    close_store(out / "qdrant")
     result: dict[str, Any] = {"rows": report.rows, "groups": report.groups,
                               "warnings": report.warnings, "split": res.counts(),
                               "embedded": emb.embedded, "skipped": emb.to_dict().get("skipped"),

@@ -12,7 +12,7 @@ from medsig.data.collection import load_collection
 from medsig.errors import ConfigError
 from medsig.index.runner import embed_collection
 from medsig.index.search import parse_where, search
-from medsig.index.store import VectorStore, close_client, point_id
+from medsig.index.store import VectorStore, close_store, point_id
 from medsig.models.embedding import embed_arrays
 from medsig.models.encoder import Encoder
 from medsig.models.tiny import write_tiny
@@ -34,7 +34,7 @@ def indexed(tmp_path, encoder):
     report = embed_collection(spec, encoder, store, "wounds", batch_size=2, num_workers=0,
                               progress=False)
     yield spec, store, report
-    close_client(store)
+    close_store(store)
 
 
 def test_reindex_adds_nothing_and_resumes(indexed, encoder):
@@ -91,7 +91,7 @@ def test_bad_images_are_skipped_and_counted(tmp_path, encoder):
     report = embed_collection(spec, encoder, tmp_path / "q", "w", num_workers=0, progress=False)
     assert report.embedded == 2 and report.points_after == 2
     assert dict(report.skipped) == {"empty": 1, "not_an_image": 1, "missing": 1}
-    close_client(tmp_path / "q")
+    close_store(tmp_path / "q")
 
 
 def test_other_model_into_same_collection_is_refused(indexed, tmp_path):
@@ -137,5 +137,5 @@ def test_real_chest_xrays(shared_data, tmp_path, encoder):
                   where=["view=PA"])
     assert len(hits) == 3 and all(h.payload["view"] == "PA" for h in hits)
     assert all(not h.payload["image"].startswith("/") for h in hits)
-    close_client(tmp_path / "q")
+    close_store(tmp_path / "q")
     shutil.rmtree(tmp_path / "q")

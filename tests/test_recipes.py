@@ -151,7 +151,7 @@ def test_surgwound_partial_classify_and_mlp_probe(wound, like, root) -> None:
 def test_scin_embed_into_qdrant(derm, like, root) -> None:
     from medsig.index.runner import embed_collection
     from medsig.index.search import search
-    from medsig.index.store import close_client
+    from medsig.index.store import close_store
 
     kwargs = _recipe("scin-embed.yaml")
     kwargs.update(spec=derm, model=like("google/siglip-base-patch16-224"),
@@ -161,7 +161,7 @@ def test_scin_embed_into_qdrant(derm, like, root) -> None:
     hits = search(root / "qdrant", kwargs["collection_name"], text="eczema", k=3)
     meta = yaml.safe_load(derm.read_text())["metadata"]
     assert all(col in hits[0].payload for col in meta)  # every metadata column
-    close_client(root / "qdrant")
+    close_store(root / "qdrant")
 
 
 def test_roco_partial_gradcache_hard_negatives(radiology, like, root) -> None:

@@ -42,12 +42,12 @@ def run_demo(out: str | Path = "runs/demo", n: int = DEMO_N, seed: int = 0,
              console: Console | None = None) -> dict[str, Any]:
     """The main job end to end in ``out``: data, split, index + search, three fine-tunes,
     one evaluation report; ``summary.json`` and ``README.md`` say what happened."""
-    from medsig.index.store import close_client
+    from medsig.index.store import close_store
 
     console = console or Console()
     out = Path(out)
     if out.exists():
-        close_client(out / "qdrant")
+        close_store(out / "qdrant")
         shutil.rmtree(out)
     out.mkdir(parents=True)
     steps = _Steps(console)
@@ -112,7 +112,7 @@ def _index_and_search(steps: _Steps, spec_path: Path, model_dir: Path, store: Pa
     """Embed + index (twice: the second run resumes), then search by image, text and id."""
     from medsig.data.collection import load_collection
     from medsig.index.runner import embed_collection
-    from medsig.index.store import close_client
+    from medsig.index.store import close_store
     from medsig.models.encoder import Encoder
 
     collection = load_collection(spec_path)
@@ -126,7 +126,7 @@ def _index_and_search(steps: _Steps, spec_path: Path, model_dir: Path, store: Pa
     console.print(f"second run: {again.embedded} embedded, {again.already_indexed} already "
                   f"indexed, {again.points_after} points")
     searches = _searches(steps, collection, encoder, store, console)
-    close_client(store)
+    close_store(store)
     return collection, embed, again, searches
 
 

@@ -86,7 +86,6 @@ def close_store(location: str | Path | None = None) -> None:
         client.close()
 
 
-close_client = close_store  # the name callers used before the Edge engine
 atexit.register(close_store)
 
 
