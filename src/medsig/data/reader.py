@@ -5,7 +5,9 @@ workers only decode, pad and resize: batches carry ``(b, 3, s, s)`` uint8 pixels
 of the bytes of float32) that the consumer normalises on its device
 (``Preprocess.normalize``). With ``texts`` and ``tokenize`` each batch's texts are tokenised
 once, in the worker. ``pin_memory`` puts batches in page-locked memory for non-blocking
-copies to a GPU.
+copies to a GPU. A SigLIP 2 NaFlex pipeline yields ``Patches`` (patches padded to
+``max_num_patches``, their mask and grid shape) instead of a tensor; batches stack them the
+same way (``medsig.data.patches``).
 """
 
 from __future__ import annotations
@@ -19,13 +21,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from medsig.data.images import load_image
+from medsig.data.patches import Pixels, stack_pixels
 from medsig.errors import ImageError
 
 
 @dataclass
 class ImageBatch:
     rows: list[int]  # row numbers in the collection
-    pixels: torch.Tensor  # (b, 3, s, s): float32 normalised, or uint8 with uint8=True
+    pixels: Pixels  # (b, 3, s, s): float32 normalised, or uint8 with uint8=True (or Patches)
     skipped: list[tuple[int, str, str]] = field(default_factory=list)  # (row, reason, message)
     texts: list[str] = field(default_factory=list)  # the kept rows' texts (when asked for)
     tokens: dict[str, torch.Tensor] | None = None  # their token ids (with a tokenizer)
@@ -40,7 +43,7 @@ class ImageBatch:
 
 def load_pixels(path: Path, preprocess: Callable, draft_size: int | None = None,
                 augment: Callable | None = None, generator: torch.Generator | None = None
-                ) -> tuple[torch.Tensor | None, tuple[str, str] | None]:
+                ) -> tuple[Pixels | None, tuple[str, str] | None]:
     """One image decoded, optionally augmented (seeded by ``generator``) and preprocessed:
     ``(pixels, None)``, or ``(None, (reason, message))`` for an image that cannot be read.
     The one decoding step of every dataset (embedding here, training in train/data.py)."""
@@ -72,7 +75,7 @@ class _Images(Dataset):
 def _collate(items, tokenize: Callable | None = None) -> ImageBatch:
     good = [(r, x, t) for r, x, err, t in items if err is None]
     skipped = [(r, err[0], err[1]) for r, _, err, _ in items if err is not None]
-    pixels = torch.stack([x for _, x, _ in good]) if good else torch.empty(0)
+    pixels = stack_pixels([x for _, x, _ in good]) if good else torch.empty(0)
     texts = [t for _, _, t in good if t is not None]
     tokens = tokenize(texts) if tokenize is not None and texts else None
     return ImageBatch([r for r, _, _ in good], pixels, skipped, texts, tokens)

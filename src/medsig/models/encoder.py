@@ -4,8 +4,9 @@ One code path for a hub id or a local folder: ``AutoConfig`` → ``AutoModel`` (
 ``AutoModelForImageClassification`` for a classifier checkpoint), ``AutoImageProcessor``,
 ``AutoTokenizer``. Kinds:
 
-- ``siglip`` (SigLIP, fixed-resolution SigLIP 2, MedSigLIP): sigmoid logits with scale and
-  bias; texts padded to the model's max length, as SigLIP was trained;
+- ``siglip`` (SigLIP, SigLIP 2 fixed-resolution and NaFlex, MedSigLIP): sigmoid logits with
+  scale and bias; texts padded to the model's max length, as SigLIP was trained (NaFlex
+  pixels are ``medsig.data.patches.Patches``: patches, their mask and the grid shape);
 - ``clip``: softmax logits with a scale; texts padded to the longest with an attention mask;
 - ``image`` (ViT, DINOv2, a medsig classifier...): image embeddings only (CLS token, or the
   classifier's mean-pooled features).
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from medsig.data.patches import Patches, model_inputs
 from medsig.errors import ConfigError
 from medsig.models import families
 from medsig.models.device import precision_dtype, select_device
@@ -97,12 +99,12 @@ class Encoder:
 
     def __init__(self, model: Any, image_processor: Any, tokenizer: Any, kind: str, name: str,
                  device: torch.device, preprocess: str | None = None, max_text_len: int = 64,
-                 family: str | None = None) -> None:
+                 family: str | None = None, max_num_patches: int | None = None) -> None:
         self.model, self.image_processor, self.tokenizer = model, image_processor, tokenizer
         self.kind, self.name, self.device = kind, name, device
         self.family = family or ("image" if kind == "image" else kind)
         self.preprocess = families.family_preprocess(
-            image_processor, self.family, preprocess or families.DEFAULT_MODE)
+            image_processor, self.family, preprocess or families.DEFAULT_MODE, max_num_patches)
         self.image_size = int(self.preprocess.size)
         self.max_text_len = families.text_length(families.get_family(self.family),
                                                  max_text_len)
@@ -112,12 +114,14 @@ class Encoder:
     @classmethod
     def load(cls, name_or_path: str | Path, device: str | torch.device | None = None,
              preprocess: str | None = None, dtype: torch.dtype | None = None,
-             precision: str | None = None, family: str | None = None) -> Encoder:
+             precision: str | None = None, family: str | None = None,
+             max_num_patches: int | None = None) -> Encoder:
         """Load ``name_or_path`` (hub id or folder) straight onto the device with SDPA
         attention; ``precision`` (auto | fp32 | bf16 | fp16, see ``precision_dtype``):
         by default fp32 on CPU, bf16 (fp16 without bf16) on CUDA. ``preprocess`` /
         ``family``: None = what the folder recorded, else the family's reference pipeline
-        (``medsig.models.families``)."""
+        (``medsig.models.families``); ``max_num_patches`` (SigLIP 2 NaFlex): None = what
+        the folder recorded, else its processor's."""
         from transformers import AutoConfig
 
         name = str(name_or_path)
@@ -137,10 +141,6 @@ class Encoder:
         finally:
             hf_logging.set_verbosity(verbosity)
         model_type = str(getattr(config, "model_type", ""))
-        if model_type == "siglip2":
-            raise ConfigError(f"model '{name}' is a SigLIP 2 NaFlex checkpoint (variable "
-                              "resolution); use a fixed-resolution SigLIP 2 checkpoint "
-                              "(e.g. google/siglip2-base-patch16-224)")
         archs = list(getattr(config, "architectures", None) or [])
         classifier = any(a.endswith("ForImageClassification") for a in archs)
         dtype = dtype or precision_dtype(precision, device)
@@ -169,7 +169,8 @@ class Encoder:
             name, config, tokenizer, has_text)
         model.to(device).eval()  # a no-op when loaded onto the device
         return cls(model, image_processor, tokenizer, kind, name, device,
-                   preprocess or record.get("mode"), max_len, family)
+                   preprocess or record.get("mode"), max_len, family,
+                   max_num_patches or record.get("max_num_patches"))
 
     def save(self, out: str | Path) -> Path:
         """``save_pretrained`` of the model, tokenizer and image processor."""
@@ -219,15 +220,19 @@ class Encoder:
             x = self.preprocess.normalize(x)
         return x.to(self.dtype)
 
-    def image_features(self, pixel_values: Tensor) -> Tensor:
+    def image_features(self, pixel_values: Tensor | Patches) -> Tensor:
         pixel_values = self.pixels(pixel_values)
+        inputs = model_inputs(pixel_values)  # NaFlex: + pixel_attention_mask, spatial_shapes
         if self.kind != "image":
-            return self.model.get_image_features(pixel_values=pixel_values).pooler_output
+            return self.model.get_image_features(**inputs).pooler_output
         if hasattr(self.model, "classifier"):  # a classifier checkpoint: its pooled features
             backbone = getattr(self.model, "vision_model", None) or self.model.base_model
-            hidden = backbone(pixel_values=pixel_values).last_hidden_state
+            hidden = backbone(**inputs).last_hidden_state
             if self.model.config.model_type == "clip":
                 hidden = hidden[:, 1:]
+            if isinstance(pixel_values, Patches):  # the mean over real patches, as it pools
+                mask = pixel_values.pixel_attention_mask.unsqueeze(-1).to(hidden.dtype)
+                return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
             return hidden.mean(dim=1)
         return self.model(pixel_values=pixel_values).last_hidden_state[:, 0]
 

@@ -1,8 +1,9 @@
 """Per-family reference inputs: how each model family was fed images and text.
 
 One small registry (``FAMILIES``) of what differs between SigLIP, SigLIP 2 (fixed
-resolution), MedSigLIP-448 and CLIP, read together with the checkpoint's own processor
-configuration (size, resampling filter, mean/std, crop) and tokenizer. The sources of every
+resolution and NaFlex: ``medsig.models.naflex``), MedSigLIP-448 and CLIP, read together with
+the checkpoint's own processor configuration (size, resampling filter, mean/std, crop) and
+tokenizer. The sources of every
 entry are in docs/models.md ("Reference inputs per family").
 
 The chosen pipeline is recorded in the model folder (``preprocessor_config.json`` key
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from medsig.data.transforms import MODES, Preprocess
+from medsig.models import naflex
 
 RECORD_KEY = "medsig_preprocess"
 DEFAULT_MODE = "reference"
@@ -39,6 +41,8 @@ FAMILIES: dict[str, Family] = {
     "siglip": Family("siglip"),
     # trained on lower-cased text; the published checkpoints' Gemma tokenizer does not
     "siglip2": Family("siglip2", lowercase=True),
+    # SigLIP 2 NaFlex (Siglip2Model): aspect ratio kept, at most max_num_patches patches
+    naflex.FAMILY: Family(naflex.FAMILY, lowercase=True),
     # the quick-start notebook resizes with tf.image.resize(bilinear, antialias=False)
     "medsiglip": Family("medsiglip", resize_method="tf_bilinear"),
     # CLIPTokenizer lower-cases itself; causal text tower pooled at EOS: pad to the batch
@@ -59,6 +63,8 @@ def detect_family(name: str, config: Any, tokenizer: Any = None, has_text: bool 
     lowered = str(name).lower()
     if not has_text:
         return "image"
+    if model_type == "siglip2":  # Siglip2Model: the NaFlex checkpoints (fixed-res: "siglip")
+        return naflex.FAMILY
     if model_type == "clip":
         return "clip"
     if "medsiglip" in lowered:
@@ -95,10 +101,15 @@ def text_length(family: Family, max_positions: int | None) -> int | None:
     return min(family.text_length, max_positions) if max_positions else family.text_length
 
 
-def family_preprocess(processor: Any, family: str, mode: str = DEFAULT_MODE) -> Preprocess:
-    """The image pipeline of ``family`` in ``mode`` (``reference`` = the published one)."""
+def family_preprocess(processor: Any, family: str, mode: str = DEFAULT_MODE,
+                      max_num_patches: int | None = None) -> Any:
+    """The image pipeline of ``family`` in ``mode`` (``reference`` = the published one): a
+    ``Preprocess``, or for SigLIP 2 NaFlex a ``NaflexPreprocess`` (``max_num_patches``:
+    None = the processor's)."""
     if mode not in MODES:
         raise ValueError(f"preprocess mode must be one of {MODES}, not {mode!r}")
+    if family == naflex.FAMILY:
+        return naflex.NaflexPreprocess.from_processor(processor, mode, max_num_patches)
     method = get_family(family).resize_method if mode == "reference" else "pil"
     return Preprocess.from_processor(processor, mode=mode, resize_method=method)
 
@@ -113,11 +124,14 @@ def read_record(folder: str | Path) -> dict[str, Any]:
     return record if isinstance(record, dict) else {}
 
 
-def write_record(folder: str | Path, family: str, preprocess: Preprocess,
+def write_record(folder: str | Path, family: str, preprocess: Any,
                  text: dict[str, Any] | None = None) -> None:
-    """Record family, image pipeline and text rules in ``folder/preprocessor_config.json``."""
+    """Record family, image pipeline and text rules in ``folder/preprocessor_config.json``
+    (NaFlex: also the processor's own ``max_num_patches``, so plain transformers applies it)."""
     path = Path(folder) / "preprocessor_config.json"
     config = json.loads(path.read_text()) if path.is_file() else {}
+    if getattr(preprocess, "max_num_patches", None) and "max_num_patches" in config:
+        config["max_num_patches"] = int(preprocess.max_num_patches)
     config[RECORD_KEY] = {"family": family, **preprocess.describe(),
                           "text": text or text_rules(get_family(family))}
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -1,7 +1,8 @@
 """Small randomly initialised checkpoints, written offline, that plain transformers loads.
 
 Weights cannot be downloaded here, so tests, the demo and the benchmarks use
-``write_tiny(out)``: a SigLIP / CLIP / ViT model with the real architecture at a tiny size,
+``write_tiny(out)``: a SigLIP / SigLIP 2 NaFlex / CLIP / ViT model with the real architecture
+at a tiny size,
 a byte-level BPE tokenizer trained locally (no unknown tokens) and the architecture's image
 processor. ``AutoModel``, ``AutoTokenizer``, ``AutoImageProcessor`` and ``AutoProcessor``
 load the folder exactly as they load a hub checkpoint, so every code path is the real one.
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-ARCHS = ("siglip", "clip", "vit")
+ARCHS = ("siglip", "siglip2", "clip", "vit")
 
 # Words of the three generated datasets plus common clinical English: the BPE merges learn
 # them, and anything else still tokenizes byte by byte.
@@ -73,7 +74,29 @@ def train_tokenizer(vocab_size: int = 1000, arch: str = "siglip"):
                                    bos_token="<s>", eos_token="</s>")
 
 
-def _image_processor(arch: str, image_size: int, resample: int | None = None):
+def train_gemma_tokenizer(vocab_size: int = 1000):
+    """A Gemma-style tokenizer (``GemmaTokenizer``: BPE on ``▁``-joined text with byte
+    fallback), as SigLIP 2 checkpoints publish, trained on the built-in corpus."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import GemmaTokenizer
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Replace(" ", "\u2581")
+    tok.pre_tokenizer = pre_tokenizers.Split(pattern=" ", behavior="merged_with_previous")
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  show_progress=False)
+    corpus = _corpus()
+    tok.train_from_iterator(corpus + [line.lower() for line in corpus], trainer=trainer)
+    model = json.loads(tok.to_str())["model"]
+    learned = sorted(model["vocab"], key=model["vocab"].get)
+    tokens = list(dict.fromkeys(specials + [f"<0x{i:02X}>" for i in range(256)] + learned))
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    return GemmaTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=merges)
+
+
+def _image_processor(arch: str, image_size: int, resample: int | None = None,
+                     patch_size: int = 16):
     size = {"height": image_size, "width": image_size}
     extra = {} if resample is None else {"resample": resample}
     if arch == "clip":
@@ -81,6 +104,13 @@ def _image_processor(arch: str, image_size: int, resample: int | None = None):
 
         return CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size=size,
                                      do_center_crop=True, **extra)
+    if arch == "siglip2":  # NaFlex: no fixed size; at most (image_size / patch)² patches
+        from transformers.models.siglip2.image_processing_pil_siglip2 import (
+            Siglip2ImageProcessorPil,
+        )
+
+        return Siglip2ImageProcessorPil(patch_size=patch_size,
+                                        max_num_patches=(image_size // patch_size) ** 2, **extra)
     if arch == "vit":
         from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
 
@@ -105,6 +135,12 @@ def _config(arch: str, vision: dict, text: dict, image_size: int, patch_size: in
         from transformers import SiglipConfig
 
         return SiglipConfig(text_config=text, vision_config=vision)
+    if arch == "siglip2":  # NaFlex: a (image_size / patch)² grid of position embeddings
+        from transformers import Siglip2Config
+
+        vision.pop("image_size")
+        vision["num_patches"] = (image_size // patch_size) ** 2
+        return Siglip2Config(text_config=text, vision_config=vision)
     if arch == "clip":
         from transformers import CLIPConfig
 
@@ -142,7 +178,8 @@ def _write(out: str | Path, arch: str, vision: dict, text: dict, image_size: int
         raise ValueError(f"arch must be one of {ARCHS}, not {arch!r}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = train_tokenizer(vocab_size, arch) if arch != "vit" else None
+    tokenizer = None if arch == "vit" else train_gemma_tokenizer(vocab_size) \
+        if arch == "siglip2" else train_tokenizer(vocab_size, arch)
     vocab = len(tokenizer) if tokenizer is not None else vocab_size
     from transformers.utils import logging as hf_logging
 
@@ -155,17 +192,17 @@ def _write(out: str | Path, arch: str, vision: dict, text: dict, image_size: int
         hf_logging.set_verbosity(verbosity)
     torch.manual_seed(seed)
     model = AutoModel.from_config(config)
-    if arch == "siglip":
+    if arch in ("siglip", "siglip2"):
         with torch.no_grad():
             model.logit_scale.fill_(math.log(10.0))
             model.logit_bias.fill_(-10.0)
     model.save_pretrained(out)
-    processor = _image_processor(arch, image_size, resample)
+    processor = _image_processor(arch, image_size, resample, patch_size)
     if tokenizer is not None:
         tokenizer.model_max_length = max_text_len
-        from transformers import CLIPProcessor, SiglipProcessor
+        from transformers import CLIPProcessor, Siglip2Processor, SiglipProcessor
 
-        cls = SiglipProcessor if arch == "siglip" else CLIPProcessor
+        cls = {"siglip": SiglipProcessor, "siglip2": Siglip2Processor}.get(arch, CLIPProcessor)
         cls(image_processor=processor, tokenizer=tokenizer).save_pretrained(out)
         tokenizer.save_pretrained(out)
     processor.save_pretrained(out)
@@ -209,6 +246,12 @@ class Like:
 #   (vision 768 / 3072 / 12 / 12, text 512 / 2048 / 12 / 8, 77 positions, vocab 49408,
 #   projection 512); B/16 differs only in the patch size. CLIP processor: shortest edge 224,
 #   centre crop 224, OpenAI mean / std, bicubic.
+# - SigLIP 2 NaFlex base-patch16 (model_type "siglip2", Siglip2Model): base towers, patch 16,
+#   num_patches 256 (a 16 x 16 grid of position embeddings, resized per image), Gemma
+#   vocabulary 256000, 64 positions; Siglip2ImageProcessor: max_num_patches 256, patch 16,
+#   bilinear, mean = std = 0.5 (transformers' Siglip2VisionConfig / Siglip2ImageProcessor
+#   defaults, documented against google/siglip2-base-patch16-naflex). ``image_size`` here is
+#   the side of that grid in pixels: 16 x 16 = 256.
 _SIGLIP_BASE = (768, 3072, 12, 12)
 _SO400M = (1152, 4304, 27, 16)
 LIKE: dict[str, Like] = {
@@ -218,6 +261,8 @@ LIKE: dict[str, Like] = {
     "google/medsiglip-448": Like("siglip", 448, 14, _SO400M, _SO400M, 64, 32000, 3),
     "google/siglip2-base-patch16-224": Like("siglip", 224, 16, _SIGLIP_BASE, _SIGLIP_BASE, 64,
                                             256000, 2),
+    "google/siglip2-base-patch16-naflex": Like("siglip2", 256, 16, _SIGLIP_BASE, _SIGLIP_BASE,
+                                               64, 256000, 2),
     "openai/clip-vit-base-patch32": Like("clip", 224, 32, (768, 3072, 12, 12),
                                          (512, 2048, 12, 8), 77, 49408, 3, projection=512),
     "openai/clip-vit-base-patch16": Like("clip", 224, 16, (768, 3072, 12, 12),
