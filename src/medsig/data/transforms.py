@@ -253,13 +253,16 @@ def _uniform(g: torch.Generator | None, low: float, high: float) -> float:
 
 
 class Augment:
-    """Random resized crop → flip → rotation → colour jitter; returns a ``size``² PIL image."""
+    """Random resized crop → flip → rotation → colour jitter; returns a ``size``² PIL image
+    (``keep_aspect``: the crop's own aspect ratio at an area of ``size``², for pipelines that
+    keep it, e.g. SigLIP 2 NaFlex)."""
 
     def __init__(self, size: int, scale: tuple[float, float] = (0.7, 1.0),
                  ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: float = 0.5,
                  degrees: float = 10.0, brightness: float = 0.2, contrast: float = 0.2,
-                 saturation: float = 0.2) -> None:
+                 saturation: float = 0.2, keep_aspect: bool = False) -> None:
         self.size, self.scale, self.ratio, self.hflip = int(size), scale, ratio, hflip
+        self.keep_aspect = keep_aspect
         self.degrees, self.brightness = degrees, brightness
         self.contrast, self.saturation = contrast, saturation
 
@@ -286,7 +289,11 @@ class Augment:
         g = generator
         image = image.convert("RGB")
         box = self.crop_box(*image.size, g)
-        image = image.resize((self.size, self.size), Image.BILINEAR, box=box)
+        out = (self.size, self.size)
+        if self.keep_aspect:
+            aspect = math.sqrt((box[2] - box[0]) / (box[3] - box[1]))
+            out = (max(1, round(self.size * aspect)), max(1, round(self.size / aspect)))
+        image = image.resize(out, Image.BILINEAR, box=box)
         if float(torch.rand((), generator=g)) < self.hflip:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
         if self.degrees:

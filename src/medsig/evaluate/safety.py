@@ -21,15 +21,14 @@ OUTLIERS_PER_KIND = 50
 
 def outlier_scores(predictor: Any, n: int = OUTLIERS_PER_KIND) -> dict[str, list[float]]:
     """OOD scores of generated noise / blank / near-blank / text images (per kind)."""
-    import torch
-
     from medsig.data.outliers import KINDS, outlier_images
+    from medsig.data.patches import stack_pixels
 
     gate = predictor.safety.ood
     size = max(int(predictor.image_size or 64), 64)
     out = {}
     for kind in KINDS:
-        px = torch.stack([predictor.preprocess(im) for im in outlier_images(kind, n, size)])
+        px = stack_pixels([predictor.preprocess(im) for im in outlier_images(kind, n, size)])
         out[kind] = [round(float(s), 6) for s in gate.score(predictor.embed(px))]
     return out
 

@@ -91,7 +91,9 @@ def hub_id(ref: str | None, folder: str | Path | None = None, depth: int = 4) ->
 class Preprocessing:
     """Image -> pixels: ``mode`` reference (the model family's published pipeline) / pad
     (zero-pad to square, then resize) / resize / processor; ``resize_method`` pil or
-    tf_bilinear (MedSigLIP's notebook), ``shortest_edge`` + centre crop (CLIP)."""
+    tf_bilinear (MedSigLIP's notebook), ``shortest_edge`` + centre crop (CLIP);
+    ``max_num_patches`` / ``patch_size``: SigLIP 2 NaFlex (aspect kept, at most that many
+    patches; ``medsig.models.naflex``)."""
 
     mode: str = "pad"
     size: int | None = None
@@ -101,6 +103,8 @@ class Preprocessing:
     resize_method: str = "pil"
     shortest_edge: int | None = None
     rescale: float | None = None  # pixel scale before normalising (default 1 / 255)
+    patch_size: int | None = None  # NaFlex
+    max_num_patches: int | None = None  # NaFlex
 
     @classmethod
     def of(cls, preprocess: Any) -> Preprocessing:
@@ -112,12 +116,19 @@ class Preprocessing:
                    int(preprocess.resample) if preprocess.resample is not None else None,
                    str(getattr(preprocess, "resize_method", "pil")),
                    getattr(preprocess, "shortest_edge", None),
-                   None if rescale is None or abs(rescale - 1 / 255) < 1e-12 else float(rescale))
+                   None if rescale is None or abs(rescale - 1 / 255) < 1e-12 else float(rescale),
+                   getattr(preprocess, "patch_size", None),
+                   getattr(preprocess, "max_num_patches", None))
 
     def build(self, processor: Any = None) -> Any:
         """The ``Preprocess`` this record describes (missing fields from ``processor``)."""
         from medsig.data.transforms import Preprocess
 
+        if self.max_num_patches is not None and self.mode == "processor" \
+                and processor is not None:
+            from medsig.models.naflex import NaflexPreprocess
+
+            return NaflexPreprocess.from_processor(processor, "processor", self.max_num_patches)
         if self.size is None or self.mean is None or self.std is None or self.mode == "processor":
             if processor is None:
                 raise ConfigError("medsig.json: preprocessing is incomplete and no image "
@@ -126,6 +137,11 @@ class Preprocessing:
         kwargs: dict[str, Any] = {} if self.resample is None else {"resample": self.resample}
         if self.rescale is not None:
             kwargs["rescale"] = self.rescale
+        if self.max_num_patches is not None:
+            from medsig.models.naflex import NaflexPreprocess
+
+            return NaflexPreprocess(self.patch_size or 16, self.max_num_patches, self.mean,
+                                    self.std, mode="reference", **kwargs)
         return Preprocess(self.size, self.mean, self.std, mode=self.mode,
                           resize_method=self.resize_method, shortest_edge=self.shortest_edge,
                           **kwargs)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from medsig.data.patches import model_inputs
 from medsig.errors import ConfigError
 from medsig.models.artifact import Artifact
 from medsig.models.encoder import Encoder
@@ -173,7 +174,7 @@ def _classifier(encoder: Encoder, artifact: Artifact, name: str, version: str) -
 
     def forward(pixels: torch.Tensor) -> torch.Tensor:
         pixels = pixels.to(encoder.device, encoder.dtype)
-        return head_probabilities(encoder.model(pixel_values=pixels).logits, heads)
+        return head_probabilities(encoder.model(**model_inputs(pixels)).logits, heads)
 
     return Predictor(name, version, artifact, encoder, heads, forward)
 

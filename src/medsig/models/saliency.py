@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from medsig.data.patches import Patches, model_inputs
 from medsig.models.heads import Head
 
 
@@ -46,7 +47,7 @@ def score_function(predictor: Any) -> Callable[[torch.Tensor], torch.Tensor] | N
         from medsig.models.heads import head_probabilities
 
         return lambda px: head_probabilities(
-            enc.model(pixel_values=px.to(enc.device, enc.dtype)).logits, heads)
+            enc.model(**model_inputs(px.to(enc.device, enc.dtype))).logits, heads)
     if objective == "probe" and predictor._from_embeddings is not None:
         return lambda px: predictor._from_embeddings(F.normalize(
             enc.image_features(px).float(), dim=-1))
@@ -64,7 +65,7 @@ def grad_cam(predictor: Any, pixels: torch.Tensor, column: int) -> np.ndarray | 
     """(H, W) map in [0, 1] for one image ``pixels`` (3, H, W) and output ``column``."""
     fn = score_function(predictor)
     block = last_block(predictor.encoder.model)
-    if fn is None or block is None:
+    if fn is None or block is None or isinstance(pixels, Patches):  # NaFlex: not yet
         return None
     kept: dict[str, torch.Tensor] = {}
 

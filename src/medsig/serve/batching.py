@@ -33,9 +33,9 @@ class BatchInfo:
 
 
 def stack_tensors(items: Sequence[Any]) -> Any:
-    import torch
+    from medsig.data.patches import stack_pixels  # tensors, or NaFlex Patches
 
-    return torch.stack(list(items))
+    return stack_pixels(list(items))
 
 
 def as_list(items: Sequence[Any]) -> list[Any]:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from medsig.data.collection import Collection
+from medsig.data.patches import model_inputs
 from medsig.errors import ConfigError
 from medsig.metrics.classification import roc_auc
 from medsig.models.encoder import resolve_cached
@@ -107,9 +108,10 @@ class ClassifyObjective:
             raise ConfigError(f"no image processor for '{cfg.model}': "
                               f"{str(exc).splitlines()[0]}") from None
         self.family = family_of(resolve_cached(cfg.model))
-        recorded = read_record(resolve_cached(cfg.model)).get("mode")
+        recorded = read_record(resolve_cached(cfg.model))
         self.preprocess = family_preprocess(self.processor, self.family,
-                                            cfg.preprocess or recorded or "reference")
+                                            cfg.preprocess or recorded.get("mode") or "reference",
+                                            cfg.max_num_patches or recorded.get("max_num_patches"))
         self.image_size = int(self.preprocess.size)
         # fp32 master weights (a checkpoint may load in bf16); autocast runs bf16 / fp16
         model = load_classifier(cfg.model, self.heads).float().to(accelerator.device)
@@ -131,7 +133,7 @@ class ClassifyObjective:
     def logits(self, pixels: Tensor, net: torch.nn.Module | None = None) -> Tensor:
         """Logits through ``net`` (training: the prepared module) or the plain model."""
         with self.accelerator.autocast():
-            out = (net or self.model)(pixel_values=pixels.to(self.accelerator.device)).logits
+            out = (net or self.model)(**model_inputs(pixels.to(self.accelerator.device))).logits
         return out.float()
 
     def loss(self, logits: Tensor, rows: list[int], collection: Collection, bce: Tensor

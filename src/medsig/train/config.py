@@ -130,6 +130,8 @@ class TrainConfig:
     prefetch: int = 2  # with num_workers 0: batches a background thread reads ahead (0: off)
     # None: what the starting model recorded, else reference | pad | resize | processor
     preprocess: str | None = None
+    # SigLIP 2 NaFlex: most patches per image (None: what the model recorded / its processor)
+    max_num_patches: int | None = None
     blend: list[float] = field(default_factory=list)  # WiSE-FT alphas written to out/blend/
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -411,6 +413,11 @@ def validate(cfg: TrainConfig, where: str | None = None) -> None:
     if cfg.preprocess is not None:
         _choice(cfg.preprocess, ("reference", "pad", "resize", "processor"), "preprocess",
                 where)
+    if cfg.max_num_patches is not None and (isinstance(cfg.max_num_patches, bool) or not
+                                            isinstance(cfg.max_num_patches, int)
+                                            or cfg.max_num_patches < 1):
+        raise ConfigError(f"'max_num_patches' must be a positive integer, got "
+                          f"{cfg.max_num_patches!r}", file=where)
     if cfg.blend and (cfg.objective == "probe"
                       or any(not 0.0 <= float(a) <= 1.0 for a in cfg.blend)):
         raise ConfigError("'blend': alphas in [0, 1], for contrastive / classify fine-tunes",

@@ -86,7 +86,8 @@ class ContrastiveObjective:
 
         self.cfg, self.data, self.accelerator = cfg, data, accelerator
         self.encoder = Encoder.load(cfg.model, device=accelerator.device,
-                                    preprocess=cfg.preprocess)
+                                    preprocess=cfg.preprocess,
+                                    max_num_patches=cfg.max_num_patches)
         if self.encoder.tokenizer is None or self.encoder.kind == "image":
             raise ConfigError(f"objective 'contrastive' needs an image-text model; '{cfg.model}'"
                               " is image-only (use objective classify or probe)")

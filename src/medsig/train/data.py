@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from medsig.data.collection import Collection, load_collection
+from medsig.data.patches import Pixels, stack_pixels
 from medsig.data.reader import load_pixels
 from medsig.data.sampling import oversample_indices
 from medsig.data.text import render_text
@@ -183,7 +184,7 @@ def shard(rows: Sequence[Any], rank: int, world: int) -> list[Any]:
 @dataclass
 class Batch:
     rows: list[int]  # row indices into the split collection
-    pixels: torch.Tensor
+    pixels: Pixels  # a tensor, or NaFlex Patches
     skipped: list[tuple[int, str]] = field(default_factory=list)  # (row, reason)
     # a stand-in row that only lets this process take part in a step whose global batch
     # left it no row (several processes, a batch smaller than their number): no loss
@@ -219,7 +220,7 @@ class RowImages(Dataset):
 def _collate(items: list[tuple[int, torch.Tensor | None, str | None]]) -> Batch:
     good = [(r, x) for r, x, _ in items if x is not None]
     skipped = [(r, reason) for r, x, reason in items if x is None and reason is not None]
-    pixels = torch.stack([x for _, x in good]) if good else torch.empty(0)
+    pixels = stack_pixels([x for _, x in good]) if good else torch.empty(0)
     return Batch([r for r, _ in good], pixels, skipped)
 
 

@@ -227,7 +227,8 @@ class Trainer:
         if cfg.data.augment:
             from medsig.data.transforms import Augment
 
-            augment = Augment(objective.image_size)
+            augment = Augment(objective.image_size,  # NaFlex: the crop's aspect ratio kept
+                              keep_aspect=getattr(objective.preprocess, "keeps_aspect", False))
         paths = self.data.train.image_paths
         workers = loader_workers(cfg.num_workers)
         self.train_loader = PersistentLoader(

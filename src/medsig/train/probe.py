@@ -256,7 +256,8 @@ def _embed(cfg: TrainConfig, collection: Any) -> tuple[np.ndarray, np.ndarray, d
     from medsig.models.encoder import Encoder
 
     device = None if cfg.device == "auto" else cfg.device
-    encoder = Encoder.load(cfg.model, device=device, preprocess=cfg.preprocess)
+    encoder = Encoder.load(cfg.model, device=device, preprocess=cfg.preprocess,
+                           max_num_patches=cfg.max_num_patches)
     split = np.asarray(collection.split)
     rows = np.nonzero(np.isin(split, ["train", "val"]))[0]
     emb, _, kept, skipped = embed_arrays(encoder, collection.subset(rows),
