@@ -139,7 +139,7 @@ def data_synth(
 @model_app.command("tiny")
 def model_tiny(
     out: Path = typer.Option(..., help="Output folder."),
-    arch: str = typer.Option("siglip", help="siglip | clip | vit"),
+    arch: str = typer.Option("siglip", help="siglip | siglip2 (NaFlex) | clip | vit"),
     image_size: int = typer.Option(64, help="Input resolution."),
     seed: int = typer.Option(0, help="Random seed."),
     like: str | None = typer.Option(None, help="Hub id whose real architecture to copy "
