@@ -208,3 +208,14 @@ def test_serve_sees_a_wide_image_as_medsig_does(env):
         r = client.post("/v1/predict", files={"file": ("w.png", env.wide.read_bytes())})
     assert r.status_code == 200, r.text
     assert r.json()["ood"]["score"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_augmentation_keeps_a_wide_image_wide():
+    from medsig.data.transforms import Augment
+
+    image = Image.new("RGB", (300, 100), (90, 40, 20))
+    for seed in range(5):
+        g = torch.Generator().manual_seed(seed)
+        w, h = Augment(32, keep_aspect=True)(image, generator=g).size
+        assert 3 * 0.7 < w / h < 3 * 1.4 and 0.8 < w * h / 32 ** 2 < 1.2
+    assert Augment(32)(image, generator=torch.Generator().manual_seed(0)).size == (32, 32)

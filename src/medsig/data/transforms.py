@@ -254,8 +254,9 @@ def _uniform(g: torch.Generator | None, low: float, high: float) -> float:
 
 class Augment:
     """Random resized crop → flip → rotation → colour jitter; returns a ``size``² PIL image
-    (``keep_aspect``: the crop's own aspect ratio at an area of ``size``², for pipelines that
-    keep it, e.g. SigLIP 2 NaFlex)."""
+    (``keep_aspect``, for pipelines that keep the aspect ratio, e.g. SigLIP 2 NaFlex: the
+    crop's aspect is ``ratio`` times the image's, and the crop keeps it at an area of
+    ``size``²)."""
 
     def __init__(self, size: int, scale: tuple[float, float] = (0.7, 1.0),
                  ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: float = 0.5,
@@ -268,18 +269,22 @@ class Augment:
 
     def crop_box(self, width: int, height: int, g: torch.Generator | None
                  ) -> tuple[int, int, int, int]:
-        """A random box with area in ``scale`` and aspect in ``ratio`` (centre crop fallback)."""
+        """A random box with area in ``scale`` and aspect in ``ratio`` (relative to the
+        image's with ``keep_aspect``); centre crop fallback (the whole image with it)."""
         area = width * height
         log_lo, log_hi = math.log(self.ratio[0]), math.log(self.ratio[1])
+        base = width / height if self.keep_aspect else 1.0
         for _ in range(10):
             target = area * _uniform(g, *self.scale)
-            aspect = math.exp(_uniform(g, log_lo, log_hi))
+            aspect = base * math.exp(_uniform(g, log_lo, log_hi))
             w = int(round(math.sqrt(target * aspect)))
             h = int(round(math.sqrt(target / aspect)))
             if 0 < w <= width and 0 < h <= height:
                 x = int(torch.randint(0, width - w + 1, (), generator=g))
                 y = int(torch.randint(0, height - h + 1, (), generator=g))
                 return x, y, x + w, y + h
+        if self.keep_aspect:
+            return 0, 0, width, height
         side = min(width, height)
         x, y = (width - side) // 2, (height - side) // 2
         return x, y, x + side, y + side
