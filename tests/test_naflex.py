@@ -190,7 +190,32 @@ def test_trained_folders_record_and_reload_the_pipeline(env):
     np.testing.assert_allclose(ours, ref, atol=1e-5)
     contrastive = load_predictor(env.contrastive, spec=env.spec, labels=["urgent"])
     assert contrastive.encoder.preprocess.max_num_patches == 64
-    env.probability = float(predictor.predict_pixels(pixels)[0, 0])
+
+
+def test_a_naflex_classifier_without_medsig_records_loads(env, tmp_path):
+    """A plain Siglip2ForImageClassification folder (no medsig.json, no record): NaFlex
+    inputs from its processor's own max_num_patches, features pooled over real patches."""
+    import shutil
+
+    from transformers import AutoModelForImageClassification
+
+    from medsig.models.encoder import Encoder
+
+    plain = tmp_path / "plain"
+    shutil.copytree(env.classify, plain)
+    (plain / "medsig.json").unlink()
+    config = json.loads((plain / "preprocessor_config.json").read_text())
+    config.pop("medsig_preprocess")
+    (plain / "preprocessor_config.json").write_text(json.dumps(config))
+    enc = Encoder.load(plain, device="cpu")
+    assert enc.family == FAMILY and enc.kind == "image"
+    assert enc.preprocess.max_num_patches == 64
+    pixels = stack_pixels([enc.preprocess(load_image(env.wide))])
+    model = AutoModelForImageClassification.from_pretrained(plain).eval()
+    with torch.no_grad():
+        logits = model(**pixels.inputs()).logits
+        ours = model.classifier(enc.image_features(pixels))
+    torch.testing.assert_close(ours, logits, atol=1e-5, rtol=1e-5)
 
 
 def test_serve_sees_a_wide_image_as_medsig_does(env):

@@ -234,7 +234,10 @@ class Encoder:
                 mask = pixel_values.pixel_attention_mask.unsqueeze(-1).to(hidden.dtype)
                 return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
             return hidden.mean(dim=1)
-        return self.model(pixel_values=pixel_values).last_hidden_state[:, 0]
+        out = self.model(**inputs)
+        if isinstance(pixel_values, Patches):  # a NaFlex vision tower: its attention pooling
+            return out.pooler_output
+        return out.last_hidden_state[:, 0]
 
     def text_features(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         if self.tokenizer is None:

@@ -3,8 +3,7 @@
 One small registry (``FAMILIES``) of what differs between SigLIP, SigLIP 2 (fixed
 resolution and NaFlex: ``medsig.models.naflex``), MedSigLIP-448 and CLIP, read together with
 the checkpoint's own processor configuration (size, resampling filter, mean/std, crop) and
-tokenizer. The sources of every
-entry are in docs/models.md ("Reference inputs per family").
+tokenizer. The sources of every entry are in docs/models.md ("Reference inputs per family").
 
 The chosen pipeline is recorded in the model folder (``preprocessor_config.json`` key
 ``medsig_preprocess``, ignored by transformers) so training, evaluation, serving and a later
@@ -61,10 +60,10 @@ def detect_family(name: str, config: Any, tokenizer: Any = None, has_text: bool 
     """The family of a checkpoint from its id, config and tokenizer (a record wins)."""
     model_type = str(getattr(config, "model_type", "")).lower()
     lowered = str(name).lower()
+    if model_type in ("siglip2", "siglip2_vision_model"):  # NaFlex inputs, also for its
+        return naflex.FAMILY  # classifier / vision tower (fixed-resolution SigLIP 2: "siglip")
     if not has_text:
         return "image"
-    if model_type == "siglip2":  # Siglip2Model: the NaFlex checkpoints (fixed-res: "siglip")
-        return naflex.FAMILY
     if model_type == "clip":
         return "clip"
     if "medsiglip" in lowered:
