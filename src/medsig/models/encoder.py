@@ -127,7 +127,9 @@ class Encoder:
         name = str(name_or_path)
         if is_adapter_folder(name):  # a LoRA adapter: its base + the adapter, merged
             return load_adapter(cls, name, device, preprocess,
-                                dtype or precision_dtype(precision, select_device(device)))
+                                dtype or precision_dtype(precision, select_device(device)),
+                                max_num_patches or families.read_record(name).get(
+                                    "max_num_patches"))
         device = select_device(device)
         source = resolve_cached(name)
         from transformers.utils import logging as hf_logging
@@ -297,7 +299,7 @@ def is_adapter_folder(name: str) -> bool:
 
 
 def load_adapter(cls: type[Encoder], folder: str, device: Any, preprocess: str,
-                 dtype: torch.dtype | None) -> Encoder:
+                 dtype: torch.dtype | None, max_num_patches: int | None = None) -> Encoder:
     """The adapter's base model (hub id or folder-relative path in adapter_config.json) with
     the LoRA weights merged in; the folder's own processor and tokenizer when present."""
     from peft import PeftModel
@@ -305,7 +307,8 @@ def load_adapter(cls: type[Encoder], folder: str, device: Any, preprocess: str,
     from medsig.models.artifact import adapter_base
 
     base = adapter_base(folder)
-    encoder = cls.load(str(base), device=device, preprocess=preprocess, dtype=dtype)
+    encoder = cls.load(str(base), device=device, preprocess=preprocess, dtype=dtype,
+                       max_num_patches=max_num_patches)
     try:
         model = PeftModel.from_pretrained(encoder.model, folder)
     except _LOAD_ERRORS as exc:

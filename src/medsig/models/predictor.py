@@ -130,7 +130,8 @@ def load_encoder(model: str | Path, device: str | None = None,
     if artifact is None:
         return Encoder.load(str(model), device=device)
     source = artifact.encoder_source(folder) if folder is not None else str(model)
-    encoder = Encoder.load(source, device=device, preprocess=artifact.preprocessing.mode)
+    encoder = Encoder.load(source, device=device, preprocess=artifact.preprocessing.mode,
+                           max_num_patches=artifact.preprocessing.max_num_patches)
     if artifact.preprocessing.size is not None and artifact.preprocessing.mode != "processor":
         encoder.preprocess = artifact.preprocessing.build(encoder.image_processor)
         encoder.image_size = int(encoder.preprocess.size)
