@@ -190,6 +190,14 @@ def test_trained_folders_record_and_reload_the_pipeline(env):
     np.testing.assert_allclose(ours, ref, atol=1e-5)
     contrastive = load_predictor(env.contrastive, spec=env.spec, labels=["urgent"])
     assert contrastive.encoder.preprocess.max_num_patches == 64
+    from transformers import AutoModel, AutoProcessor
+
+    plain = AutoModel.from_pretrained(env.contrastive).eval()
+    inputs = AutoProcessor.from_pretrained(env.contrastive).image_processor(
+        images=load_image(env.wide), return_tensors="pt")
+    with torch.no_grad():
+        ref = F.normalize(plain.get_image_features(**inputs).pooler_output, dim=-1).numpy()
+    np.testing.assert_allclose(contrastive.embed(pixels), ref, atol=1e-5)
 
 
 def test_a_naflex_classifier_without_medsig_records_loads(env, tmp_path):
