@@ -195,3 +195,21 @@ def test_cli_embed_and_search_end_without_exception_text(tmp_path, tiny_model):
     assert "5 embedded" in embed.stdout
     hits = json.loads(search.stdout)
     assert {h["payload"]["id"] for h in hits} == {"a2", "a3"}
+
+
+VANISHED = """
+import shutil, sys
+from medsig.index.runner import embed_collection
+embed_collection(sys.argv[1], sys.argv[2], sys.argv[3], "w", num_workers=0, progress=False)
+shutil.rmtree(sys.argv[3])  # the folder disappears before the process ends
+"""
+
+
+def test_store_removed_before_exit_is_one_line_not_a_traceback(tmp_path, tiny_model):
+    spec = _spec(tmp_path)
+    out = subprocess.run([sys.executable, "-c", VANISHED, str(spec), str(tiny_model),
+                          str(tmp_path / "q")], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr and "Exception ignored" not in out.stderr
+    assert "could not flush collection 'w'" in out.stderr

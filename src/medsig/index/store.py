@@ -14,6 +14,7 @@ still open is closed cleanly when the interpreter exits.
 from __future__ import annotations
 
 import atexit
+import sys
 import threading
 import uuid
 from dataclasses import dataclass
@@ -86,7 +87,27 @@ def close_store(location: str | Path | None = None) -> None:
         client.close()
 
 
-atexit.register(close_store)
+def _close_at_exit() -> None:
+    """Close what is still open when the process ends; a failure is one line, not a traceback."""
+    with _LOCK:
+        backends, clients = list(_OPEN.items()), list(_CLIENTS.values())
+        _OPEN.clear()
+        _CLIENTS.clear()
+    for (location, name), backend in backends:
+        try:
+            backend.close()
+        except Exception as exc:  # noqa: BLE001 - the process is ending; say it in one line
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            print(f"medsig: could not flush collection {name!r} in {location} at exit: {first}",
+                  file=sys.stderr)
+    for client in clients:
+        try:
+            client.close()
+        except Exception:  # noqa: BLE001, S110 - a server client's close has nothing to lose
+            pass
+
+
+atexit.register(_close_at_exit)
 
 
 @dataclass
