@@ -41,8 +41,10 @@ def train_wound_model(root: Path, n: int, size: int, objective: str, epochs: int
         from medsig.train.probe import train_probe
 
         return train_probe(spec, tiny, root / "model")
+    from medsig.data.split import split_spec
     from medsig.train import train
 
+    split_spec(spec, seed=0, duplicates=0)  # the same seeded split the probe makes itself
     return train({"spec": str(spec), "model": str(tiny), "out": str(root / "model"),
                   "objective": "classify", "device": "cpu", "precision": "fp32",
                   "optim": {"epochs": epochs, "batch_size": 16, "lr": 3e-3}})

@@ -21,12 +21,14 @@ encoder sees, normalisation undone), so training, evaluation and serving agree.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
 SIZE = 64  # working resolution of every statistic
+SPECTRUM_BANDS = 6
 HUE_BINS = 8
 DEV_HUE_BINS = 4
 GRID = 3
@@ -38,6 +40,7 @@ NAMES = (
     + [f"grid_{i}" for i in range(GRID * GRID)]
     + ["grad_fine", "grad_coarse", "laplacian", "edge_share", "coherence",
        "grad_q50", "grad_q90", "grad_q99", "light_q02", "light_q98"]
+    + [f"{k}_{i}" for k in ("band_power", "band_anisotropy") for i in range(SPECTRUM_BANDS)]
     + ["dev_area", "dev_l", "dev_rg", "dev_yb", "dev_elongation", "dev_spread", "dev_offset",
        "dev_fill", "dev_parts", "dev_largest", "dev_compact", "dev_texture"]
     + [f"dev_hue_{i}" for i in range(DEV_HUE_BINS)]
@@ -111,6 +114,32 @@ def _texture(light: np.ndarray) -> np.ndarray:
                  np.quantile(light - np.median(light), [0.02, 0.98])]
 
 
+@lru_cache(maxsize=1)
+def _grids() -> tuple[np.ndarray, np.ndarray, list[np.ndarray], np.ndarray]:
+    """Constant arrays: pixel coordinates (centred, -0.5..0.5), the Hann window, the
+    spectrum's radial band masks and orientation sectors."""
+    coords = np.stack(np.mgrid[0:SIZE, 0:SIZE], axis=-1).reshape(-1, 2) / (SIZE - 1) - 0.5
+    window = np.hanning(SIZE)[:, None] * np.hanning(SIZE)[None, :]
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE] - SIZE // 2
+    radius, angle = np.hypot(yy, xx), (np.arctan2(yy, xx) % np.pi) / np.pi
+    edges = np.geomspace(1, SIZE // 2, SPECTRUM_BANDS + 1)
+    bands = [(radius >= lo) & (radius < hi) for lo, hi in zip(edges[:-1], edges[1:])]
+    return coords, window, bands, np.minimum((angle * 8).astype(int), 7)
+
+
+def _spectrum(light: np.ndarray) -> np.ndarray:
+    """Rotation-free frequency content: log power in ``SPECTRUM_BANDS`` radial bands and,
+    per band, how unevenly it spreads over 8 orientations (lines and stitches: uneven)."""
+    _, window, bands, sector = _grids()
+    power = np.abs(np.fft.fftshift(np.fft.fft2((light - light.mean()) * window))) ** 2
+    energy, spread = [], []
+    for band in bands:
+        per = np.bincount(sector[band], weights=power[band], minlength=8)
+        energy.append(power[band].mean())
+        spread.append(per.max() / max(per.mean(), 1e-12))
+    return np.r_[_log(energy, 1e-6), np.log(np.maximum(spread, 1.0))]  # 1: even (or none)
+
+
 def _deviating(rgb: np.ndarray, hue: np.ndarray, sat: np.ndarray) -> np.ndarray:
     """The pixels far from the median colour: area, colour offset, shape, position, how
     much of its ellipse the region fills, how many pieces it has, and its hue histogram."""
@@ -128,8 +157,7 @@ def _deviating(rgb: np.ndarray, hue: np.ndarray, sat: np.ndarray) -> np.ndarray:
     centre = coords.mean(axis=0)
     cov = np.cov(coords.T) + 1e-6 * np.eye(2)
     low, high = np.linalg.eigvalsh(cov)
-    grid = np.stack(np.mgrid[0:SIZE, 0:SIZE], axis=-1).reshape(-1, 2) / (SIZE - 1) - 0.5 \
-        - centre
+    grid = _grids()[0] - centre
     inside = np.einsum("ij,jk,ik->i", grid, np.linalg.inv(cov), grid) < 4.0  # 2 sigma
     fill = far.ravel()[inside].mean() if inside.any() else 0.0
     parts, n = label(far)
@@ -155,8 +183,9 @@ def image_stats(image: Any) -> np.ndarray:
     rgb = _rgb01(image)
     hue, sat, value = _hsv(rgb)
     light = rgb.mean(axis=2)
-    return np.concatenate([_colour(rgb, hue, sat, value), _layout(light), _texture(light),
-                           _deviating(rgb, hue, sat)]).astype(np.float32)
+    weber = light / max(float(np.median(light)), 0.05)  # contrast relative to the background
+    return np.concatenate([_colour(rgb, hue, sat, value), _layout(light), _texture(weber),
+                           _spectrum(weber), _deviating(rgb, hue, sat)]).astype(np.float32)
 
 
 def pixel_stats(pixels: Any, preprocess: Any) -> np.ndarray:
