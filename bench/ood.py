@@ -10,7 +10,7 @@ screenshots of text. Prints AUROC per kind (goal >= 0.95) for the gate and for e
 alone, the share of each kind the gate refuses, and the false-reject rate on the wound test
 split; writes bench/results/ood.json.
 
-    .venv/bin/python bench/ood.py [--n 400] [--size 64] [--objective probe|classify]
+    .venv/bin/python bench/ood.py [--n 400] [--size 64] [--objective probe|classify] [--out F]
 """
 
 from __future__ import annotations
@@ -68,6 +68,15 @@ def _auroc(s_in: np.ndarray, s_out: np.ndarray) -> float:
     return roc_auc(np.r_[np.zeros(len(s_in)), np.ones(len(s_out))], np.r_[s_in, s_out])
 
 
+def _auroc_ci(s_in: np.ndarray, s_out: np.ndarray) -> list[float]:
+    """95 % percentile-bootstrap interval of the AUROC (1000 resamples of both sets)."""
+    from medsig.evaluate.bootstrap import bootstrap_ci
+
+    y = np.r_[np.zeros(len(s_in)), np.ones(len(s_out))]
+    r = bootstrap_ci(roc_auc, y, np.r_[s_in, s_out], n_boot=1000, seed=0)
+    return [round(r.low, 4), round(r.high, 4)]
+
+
 def held_out(root: Path, n: int, size: int) -> dict[str, list]:
     from medsig.data.collection import load_collection
     from medsig.data.synth import synthesize
@@ -91,6 +100,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--objective", choices=["probe", "classify"], default="probe")
     ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--out", default=None, help="JSON file (default bench/results/ood.json)")
     args = ap.parse_args()
     from medsig.data.collection import load_collection
     from medsig.models.predictor import load_predictor
@@ -120,6 +130,7 @@ def main() -> None:
             s_out = gate.combined(raw_out)
             served = gate.flag(s_out) | np.array([is_blank(im) for im in images])
             rows[kind] = {"n": len(images), "auroc": _auroc(s_in, s_out),
+                          "auroc_ci95": _auroc_ci(s_in, s_out),
                           "channels": {c: _auroc(raw_in[c], raw_out[c]) for c in raw_out},
                           "refused": float(gate.flag(s_out).mean()),
                           "served_refused": float(served.mean())}
@@ -133,14 +144,15 @@ def main() -> None:
     print("refused: share above the gate's threshold; served: also refusing blank images "
           "(what /v1/predict does); AUROC per channel alone in the last columns")
     names = list(raw_in)
-    print(f"{'held-out kind':<22}{'n':>5}{'AUROC':>8}{'refused':>9}{'served':>8}"
+    print(f"{'held-out kind':<22}{'n':>5}{'AUROC':>8}{'95% CI':>14}{'refused':>9}{'served':>8}"
           + "".join(f"{c:>13}" for c in names) + "  goal AUROC >= 0.95")
     for kind, r in rows.items():
         ok = "ok" if r["auroc"] >= 0.95 else "BELOW GOAL"
-        print(f"{kind:<22}{r['n']:>5}{r['auroc']:>8.3f}{r['refused']:>9.2f}"
+        ci = "{:.3f}-{:.3f}".format(*r["auroc_ci95"])
+        print(f"{kind:<22}{r['n']:>5}{r['auroc']:>8.3f}{ci:>14}{r['refused']:>9.2f}"
               f"{r['served_refused']:>8.2f}"
               + "".join(f"{r['channels'][c]:>13.3f}" for c in names) + f"  {ok}")
-    out = Path(__file__).parent / "results" / "ood.json"
+    out = Path(args.out) if args.out else Path(__file__).parent / "results" / "ood.json"
     out.write_text(json.dumps({"args": vars(args), "false_reject_test": frr,
                                "n_test": len(s_in), "threshold": gate.threshold,
                                "gate": gate.info(), "false_reject_channels": frr_channels,
