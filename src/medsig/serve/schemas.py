@@ -82,8 +82,8 @@ class OodChannel(_Model):
     score: float = Field(description="The channel's raw score (a Mahalanobis distance; "
                                      "higher: more unlike the train split).")
     p_value: float = Field(description="How often an in-distribution (val) image scores at "
-                                       "least as high on this channel (normal fit to the "
-                                       "val log-scores); small: unlike.")
+                                       "least as high on this channel (gamma fit to the "
+                                       "val scores); small: unlike.")
 
 
 class OodResult(_Model):
