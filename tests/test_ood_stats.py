@@ -32,6 +32,11 @@ def photos(tmp_path_factory) -> dict[str, list[Image.Image]]:
     return out
 
 
+@pytest.fixture(scope="module")
+def stats(photos) -> dict[str, np.ndarray]:
+    return {k: np.stack([image_stats(im) for im in v]) for k, v in photos.items()}
+
+
 def _to_array(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"))
 
@@ -71,12 +76,11 @@ def test_pixel_stats_undo_the_models_normalisation(photos) -> None:
     assert np.allclose(a[0], image_stats(uint8[0].permute(1, 2, 0).numpy()))
 
 
-def _wound_gate(photos, stats: bool = True) -> tuple[OodGate, dict[str, np.ndarray]]:
+def _wound_gate(x: dict[str, np.ndarray], stats: bool = True
+                ) -> tuple[OodGate, dict[str, np.ndarray]]:
     """A gate on wound photos whose embedding channel is pure noise (what a random encoder
     gives): train 160, val 40, test 60; derm photos as the held-out kind."""
     rng = np.random.default_rng(3)
-    x = {"wound": np.stack([image_stats(im) for im in photos["wound"]]),
-         "derm": np.stack([image_stats(im) for im in photos["derm"]])}
     emb = {k: rng.normal(size=(len(v), 16)) for k, v in x.items()}
     tr, va, te = slice(0, 160), slice(160, 200), slice(200, 260)
     gate = fit_ood(emb["wound"][tr], emb["wound"][va], 0.05,
@@ -87,8 +91,8 @@ def _wound_gate(photos, stats: bool = True) -> tuple[OodGate, dict[str, np.ndarr
     return gate, {"in": s_in, "out": s_out}
 
 
-def test_two_channel_gate_refuses_skin_photos_shown_to_a_wound_model(photos) -> None:
-    gate, s = _wound_gate(photos)
+def test_two_channel_gate_refuses_skin_photos_shown_to_a_wound_model(stats) -> None:
+    gate, s = _wound_gate(stats)
     assert gate.channels == [EMBEDDING, IMAGE_STATS] and gate.needs_stats
     auroc = roc_auc(np.r_[np.zeros(len(s["in"])), np.ones(len(s["out"]))],
                     np.r_[s["in"], s["out"]])
@@ -96,7 +100,7 @@ def test_two_channel_gate_refuses_skin_photos_shown_to_a_wound_model(photos) -> 
     assert np.median(s["out"]) > gate.threshold + 0.5  # most refused, by a clear margin
     assert gate.flag(s["out"]).mean() >= 0.6
     assert gate.flag(s["in"]).mean() <= 0.15  # false rejects near the chosen 5 %
-    emb_only, s1 = _wound_gate(photos, stats=False)  # the noise channel alone: chance
+    emb_only, s1 = _wound_gate(stats, stats=False)  # the noise channel alone: chance
     assert emb_only.channels == [EMBEDDING]
     assert roc_auc(np.r_[np.zeros(len(s1["in"])), np.ones(len(s1["out"]))],
                    np.r_[s1["in"], s1["out"]]) < 0.75
@@ -133,11 +137,11 @@ def test_old_one_channel_file_still_loads_and_scores(tmp_path: Path) -> None:
     assert r.flagged and r.channels is None and r.score == 2.0
 
 
-def test_round_trip_through_the_model_folder(tmp_path: Path, photos) -> None:
+def test_round_trip_through_the_model_folder(tmp_path: Path, stats) -> None:
     from medsig.models.artifact import Artifact
     from medsig.models.safety import OOD_FILE, Safety, load_safety
 
-    gate, s = _wound_gate(photos)
+    gate, _ = _wound_gate(stats)
     Artifact("classify", base_model="google/siglip-base-patch16-224").save(tmp_path)
     Safety(ood=gate).save(tmp_path)
     raw = json.loads((tmp_path / "medsig.json").read_text())["ood"]
@@ -147,9 +151,8 @@ def test_round_trip_through_the_model_folder(tmp_path: Path, photos) -> None:
     assert back.channels == gate.channels and back.threshold == gate.threshold
     assert back.calibration == gate.calibration and back.combine == gate.combine
     rng = np.random.default_rng(3)
-    emb, stats = rng.normal(size=(5, 16)), np.stack(
-        [image_stats(im) for im in photos["derm"][:5]])
-    assert np.allclose(back.score(emb, stats), gate.score(emb, stats), rtol=1e-5)
+    emb, x = rng.normal(size=(5, 16)), stats["derm"][:5]
+    assert np.allclose(back.score(emb, x), gate.score(emb, x), rtol=1e-5)
     # a file whose second channel lost its val fit is refused with one clear line
     from safetensors.numpy import save_file
 
@@ -159,3 +162,18 @@ def test_round_trip_through_the_model_folder(tmp_path: Path, photos) -> None:
                         "false_reject": "0.05", "calibration": "{}"})
     with pytest.raises(ConfigError, match="unreadable OOD statistics"):
         OodGate.load(tmp_path / "broken.safetensors")
+
+
+def test_refusal_summary_names_the_reason() -> None:
+    from medsig.serve.safe import not_assessed_summary
+    from medsig.serve.schemas import OodChannel, OodResult
+
+    channels = {"embedding": OodChannel(score=20.0, p_value=0.3),
+                "image_stats": OodChannel(score=900.0, p_value=1e-9)}
+    text = not_assessed_summary("m", "1", OodResult(score=8.7, threshold=1.9, flagged=True,
+                                                    channels=channels))
+    assert "not assessed" in text and "above the threshold 1.900" in text
+    assert "most unusual: image stats" in text
+    blank = not_assessed_summary("m", "1", OodResult(score=0.2, threshold=1.9, flagged=True,
+                                                     blank=True))
+    assert "a blank or uniform image" in blank and "above the threshold" not in blank

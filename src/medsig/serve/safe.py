@@ -115,10 +115,16 @@ def status_of(results: Sequence[LabelResult], ood: OodResult | None) -> str:
 def not_assessed_summary(model_name: str, version: str, ood: OodResult) -> str:
     from medsig.serve.summary import CAVEAT
 
+    if ood.score > ood.threshold:
+        why = f"out-of-distribution score {ood.score:.3f} above the threshold {ood.threshold:.3f}"
+        if ood.channels:
+            least = min(ood.channels, key=lambda c: ood.channels[c].p_value)  # type: ignore
+            why += f"; most unusual: {least.replace('_', ' ')}"
+    else:
+        why = "a blank or uniform image"
     return "\n".join([
         f"Automated image findings (model {model_name}, version {version}):",
-        f"- {NOT_ASSESSED} (out-of-distribution score {ood.score:.3f} above the threshold "
-        f"{ood.threshold:.3f}); no findings are given.", CAVEAT])
+        f"- {NOT_ASSESSED} ({why}); no findings are given.", CAVEAT])
 
 
 def head_infos(predictor: Any, heads: Sequence[Any]) -> list[HeadInfo]:
