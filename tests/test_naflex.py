@@ -81,6 +81,23 @@ def test_patches_move_like_a_pixel_tensor():
         NaflexPreprocess(mode="pad")
 
 
+def test_patches_go_back_on_their_grid_for_the_image_statistics():
+    from medsig.data.image_stats import image_stats, pixel_stats
+
+    pre = NaflexPreprocess(patch_size=4, max_num_patches=16)
+    rng = np.random.default_rng(0)
+    wide = Image.fromarray(rng.integers(0, 255, (8, 32, 3), dtype=np.uint8))
+    batch = stack_pixels([pre.to_uint8(wide), pre.to_uint8(wide.rotate(90, expand=True))])
+    first = batch.images()[0]
+    rows, cols = batch.spatial_shapes[0].tolist()
+    assert first.shape == (3, rows * 4, cols * 4) and cols > rows  # wide stays wide
+    resized = np.asarray(wide.resize((cols * 4, rows * 4), Image.BILINEAR))
+    assert np.abs(first.permute(1, 2, 0).numpy().astype(int) - resized.astype(int)).max() <= 1
+    normalised = pixel_stats(pre.normalize(batch), pre)  # normalisation undone, same numbers
+    assert np.allclose(normalised, pixel_stats(batch, pre), atol=1e-4)
+    assert np.allclose(normalised[0], image_stats(first.permute(1, 2, 0).numpy()), atol=1e-4)
+
+
 def test_text_is_lower_cased_and_padded_to_64():
     """The published checkpoints load a GemmaTokenizer that keeps case; SigLIP 2 was trained
     on lower-cased text (Siglip2Tokenizer): medsig equals the latter, padded at the end."""
@@ -227,8 +244,8 @@ def test_a_naflex_classifier_without_medsig_records_loads(env, tmp_path):
 
 
 def test_serve_sees_a_wide_image_as_medsig_does(env):
-    """/v1/predict's OOD score is a function of the embedding: equal to medsig's own on the
-    NaFlex patches of the same wide image (the random model flags it, so no labels)."""
+    """/v1/predict's OOD score (embedding + image statistics of the patches put back on their
+    grid) equals medsig's own on the NaFlex patches of the same wide image."""
     from fastapi.testclient import TestClient
 
     from medsig.models.predictor import load_predictor
@@ -236,7 +253,10 @@ def test_serve_sees_a_wide_image_as_medsig_does(env):
 
     predictor = load_predictor(env.classify)
     pixels = stack_pixels([predictor.preprocess(load_image(env.wide))])
-    expected = float(predictor.safety.ood.score(predictor.embed(pixels))[0])
+    from medsig.models.ood import pixel_scores
+
+    gate = predictor.safety.ood
+    expected = float(gate.combined(pixel_scores(gate, predictor, pixels))[0])
     with TestClient(create_app(Path(env.classify))) as client:
         r = client.post("/v1/predict", files={"file": ("w.png", env.wide.read_bytes())})
     assert r.status_code == 200, r.text

@@ -182,9 +182,14 @@ def test_web_page_shows_refusal_states_and_saliency(tmp_path_factory, tmp_path) 
     driver = browser("1100,1400")
     server = LiveServer(create_app(env.predictor, settings=ServeSettings(api_key=None)))
     try:
+        import torch
+
+        from medsig.models.ood import pixel_scores
+
         gate = env.predictor.safety.ood
-        scores = gate.score(np.concatenate([env.predictor.embed(env.predictor.preprocess(
-            Image.open(p).convert("RGB"))[None]) for p in env.images[:10]]))
+        pixels = torch.stack([env.predictor.preprocess(Image.open(p).convert("RGB"))
+                              for p in env.images[:10]])
+        scores = gate.combined(pixel_scores(gate, env.predictor, pixels))
         photo = env.images[int(np.argmin(scores))]  # clearly in distribution
         driver.get(server.url + "/")
         _wait(driver, "#status")

@@ -73,6 +73,17 @@ class Patches:
     def __getitem__(self, index: Any) -> Patches:
         return Patches(*(t[index] for t in self._tensors()))
 
+    def images(self) -> list[torch.Tensor]:
+        """The batch's images as ``(3, h, w)`` tensors (the real patches put back on their
+        grid; transformers lays a patch out as ``(p, p, 3)``)."""
+        batch = self if self.pixel_values.dim() == 3 else self[None]
+        patch = int(round((batch.pixel_values.shape[-1] / 3) ** 0.5))
+        out = []
+        for values, (rows, cols) in zip(batch.pixel_values, batch.spatial_shapes.tolist()):
+            grid = values[: rows * cols].reshape(rows, cols, patch, patch, 3)
+            out.append(grid.permute(4, 0, 2, 1, 3).reshape(3, rows * patch, cols * patch))
+        return out
+
     def _tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.pixel_values, self.pixel_attention_mask, self.spatial_shapes
 

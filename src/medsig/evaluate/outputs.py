@@ -20,7 +20,7 @@ from medsig.evaluate.tasks import ModelOutputs, main_label
 from medsig.models.artifact import Artifact
 from medsig.models.heads import total_outputs
 
-CACHE_VERSION = 3
+CACHE_VERSION = 4
 
 
 def _artifact(path: str) -> Artifact | None:
@@ -89,12 +89,14 @@ def compute_outputs(path: str, col: Collection, batch_size: int = 64, device: st
         res.zeroshot, class_text = zeroshot_all(encoder, col.subset(rows), res.image)
         main = main_label(col)
         res.class_text = class_text[main] if main is not None else None
-    if predictor is not None and getattr(predictor.safety, "ood", None) is not None:
-        from medsig.evaluate.safety import outlier_scores
+    gate = getattr(predictor.safety, "ood", None) if predictor is not None else None
+    res_outliers = None
+    if gate is not None:
+        from medsig.evaluate.safety import outlier_scores, split_stats
 
         res_outliers = outlier_scores(predictor)  # medsig.evaluate.safety
-    else:
-        res_outliers = None
+        if gate.needs_stats:
+            res.image_stats = split_stats(predictor, col, rows, batch_size, num_workers)
     res.info = {"kind": encoder.kind, "objective": art.objective if art else None,
                 "folder_kind": art.kind if art else None,
                 "heads": [h.to_dict() for h in predictor.heads] if predictor is not None
@@ -134,7 +136,7 @@ def zeroshot_all(encoder: Any, col: Collection, image: np.ndarray
 
 def _save_cache(file: Path, fp: str, res: ModelOutputs) -> None:
     arrays = {"rows": res.rows, "image": res.image}
-    for key in ("text", "probs", "class_text"):
+    for key in ("text", "probs", "class_text", "image_stats"):
         if getattr(res, key) is not None:
             arrays[key] = getattr(res, key)
     labels = list(res.zeroshot)
@@ -161,7 +163,7 @@ def _load_cache(file: Path, fp: str) -> ModelOutputs | None:
         return None  # unreadable or old cache: recompute
     return ModelOutputs(get["rows"], get["image"], get.get("text"), get.get("probs"),
                         {k: get[f"zs_{i}"] for i, k in enumerate(labels)},
-                        get.get("class_text"), info)
+                        get.get("class_text"), info, get.get("image_stats"))
 
 
 def model_outputs(name: str, path: str, col: Collection, cache_dir: Path | None,

@@ -1,7 +1,8 @@
 """The safe outputs of a model on the evaluation split: calibration before / after the
 saved calibration (ECE, Brier, reliability bins), empirical conformal coverage against
 1 - alpha with the abstention rate, and the OOD gate (false-reject rate on the split, AUROC
-against generated images of kinds it must refuse). Plus the report section that shows them.
+against generated images of kinds it must refuse, per channel too). Plus the report section
+that shows them.
 """
 
 from __future__ import annotations
@@ -19,18 +20,35 @@ from medsig.models.heads import Head
 OUTLIERS_PER_KIND = 50
 
 
-def outlier_scores(predictor: Any, n: int = OUTLIERS_PER_KIND) -> dict[str, list[float]]:
-    """OOD scores of generated noise / blank / near-blank / text images (per kind)."""
+def outlier_scores(predictor: Any, n: int = OUTLIERS_PER_KIND
+                   ) -> dict[str, dict[str, list[float]]]:
+    """Raw OOD channel scores of generated noise / blank / near-blank / text images: kind ->
+    channel -> scores."""
     from medsig.data.outliers import KINDS, outlier_images
     from medsig.data.patches import stack_pixels
+    from medsig.models.ood import pixel_scores
 
     gate = predictor.safety.ood
     size = max(int(predictor.image_size or 64), 64)
     out = {}
     for kind in KINDS:
         px = stack_pixels([predictor.preprocess(im) for im in outlier_images(kind, n, size)])
-        out[kind] = [round(float(s), 6) for s in gate.score(predictor.embed(px))]
+        out[kind] = {c: [round(float(s), 6) for s in v]
+                     for c, v in pixel_scores(gate, predictor, px).items()}
     return out
+
+
+def split_stats(predictor: Any, col: Collection, rows: np.ndarray, batch_size: int = 64,
+                num_workers: int | None = None) -> np.ndarray:
+    """Image statistics of the split's ``rows`` (NaN rows where unreadable), read as the
+    predictor reads them: the OOD gate's second channel."""
+    from medsig.data.image_stats import DIM, collection_stats
+
+    stats, kept = collection_stats(col.image_paths, rows.tolist(), predictor.preprocess,
+                                   batch_size, num_workers, draft_size=predictor.image_size)
+    out = np.full((len(col), DIM), np.nan, np.float32)
+    out[kept] = stats
+    return out[rows]
 
 
 def _calibration_pair(h: Head, y: np.ndarray, raw: np.ndarray, cal: np.ndarray
@@ -66,17 +84,31 @@ def safe_outputs(col: Collection, out: Any, path: str) -> dict[str, Any] | None:
         labels[h.name] = entry
     result: dict[str, Any] = {"labels": labels}
     if safety.ood is not None:
-        s_in = safety.ood.score(out.image)
-        kinds = {}
-        for kind, s_out in (out.info.get("ood_outliers") or {}).items():
-            s_out = np.asarray(s_out)
-            y = np.r_[np.zeros(len(s_in)), np.ones(len(s_out))]
-            kinds[kind] = {"n": len(s_out), "auroc": roc_auc(y, np.r_[s_in, s_out]),
-                           "refused": float(safety.ood.flag(s_out).mean())}
-        result["ood"] = {**safety.ood.info(), "n": int(len(s_in)),
-                         "false_reject": float(safety.ood.flag(s_in).mean()),
-                         "outliers": kinds}
+        result["ood"] = _ood_metrics(safety.ood, out)
     return result
+
+
+def _aurocs(raw_in: dict[str, np.ndarray], raw_out: dict[str, np.ndarray], s_in: np.ndarray,
+            s_out: np.ndarray) -> tuple[float, dict[str, float]]:
+    y = np.r_[np.zeros(len(s_in)), np.ones(len(s_out))]
+    return roc_auc(y, np.r_[s_in, s_out]), {
+        c: roc_auc(y, np.r_[raw_in[c], raw_out[c]]) for c in raw_in if len(raw_in) > 1}
+
+
+def _ood_metrics(gate: Any, out: Any) -> dict[str, Any]:
+    """False-reject rate on the split and, per generated outlier kind, AUROC of the gate's
+    score (and of each channel's) and the share refused."""
+    raw_in = gate.channel_scores(out.image, out.image_stats)
+    s_in = gate.combined(raw_in)
+    kinds = {}
+    for kind, raw in (out.info.get("ood_outliers") or {}).items():
+        raw_out = {c: np.asarray(v) for c, v in raw.items()}
+        s_out = gate.combined(raw_out)
+        auroc, per_channel = _aurocs(raw_in, raw_out, s_in, s_out)
+        kinds[kind] = {"n": len(s_out), "auroc": auroc, "channels": per_channel,
+                       "refused": float(gate.flag(s_out).mean())}
+    return {**gate.info(), "n": int(len(s_in)), "false_reject": float(gate.flag(s_in).mean()),
+            "outliers": kinds}
 
 
 # -- report ------------------------------------------------------------------------------------
@@ -122,6 +154,12 @@ def report_blocks(metrics: dict[str, Any], figures: bool = True) -> list[tuple]:
     return blocks
 
 
+def _kind_cell(kind: str, v: dict[str, Any]) -> str:
+    per = v.get("channels") or {}
+    extra = f" ({', '.join(f'{c} {_f(a)}' for c, a in per.items())})" if per else ""
+    return f"{kind} {_f(v['auroc'])}{extra}"
+
+
 def _ood_blocks(per_model: dict[str, Any]) -> list[tuple]:
     rows = []
     for m, r in per_model.items():
@@ -129,17 +167,24 @@ def _ood_blocks(per_model: dict[str, Any]) -> list[tuple]:
         if not o:
             continue
         kinds = o.get("outliers") or {}
-        rows.append([m, o["method"], _f(o["threshold"], 4), _f(o["false_reject_target"], 2),
+        channels = " + ".join(o.get("channels") or ["embedding"])
+        if o.get("combine"):
+            channels += f" ({o['combine']})"
+        rows.append([m, o["method"], channels, _f(o["threshold"], 4),
+                     _f(o["false_reject_target"], 2),
                      f"{_f(o['false_reject'])} (n={o['n']})",
-                     "; ".join(f"{k} {_f(v['auroc'])}" for k, v in kinds.items()) or "–"])
+                     "; ".join(_kind_cell(k, v) for k, v in kinds.items()) or "–"])
     if not rows:
         return []
     return [("p", "Out-of-distribution gate: an image scoring above the threshold is "
                   "answered \"unlike the images this model was trained on: not assessed\". "
-                  "False-reject rate = share of the evaluation split refused; AUROC = how "
-                  "well the score separates the split from generated images of each kind "
-                  "(goal ≥ 0.95; bench/ood.py adds other medical image kinds)."),
-            ("table", ["model", "score", "threshold", "target false-reject",
+                  "Channels: `embedding` (the encoder's view) and, in newer folders, "
+                  "`image_stats` (colour, layout, texture and lesion-shape statistics, "
+                  "model-free); their p-values against val are combined. False-reject rate "
+                  "= share of the evaluation split refused; AUROC = how well the score (in "
+                  "brackets: each channel alone) separates the split from generated images "
+                  "of each kind (goal ≥ 0.95; bench/ood.py adds other medical image kinds)."),
+            ("table", ["model", "score", "channels", "threshold", "target false-reject",
                        "false-reject on split", "AUROC vs generated outliers"], rows)]
 
 

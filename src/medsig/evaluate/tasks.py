@@ -47,6 +47,7 @@ class ModelOutputs:
     zeroshot: dict[str, np.ndarray] = field(default_factory=dict)
     class_text: np.ndarray | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    image_stats: np.ndarray | None = None  # (n, d) medsig.data.image_stats, for the OOD gate
 
     def take(self, idx: np.ndarray) -> ModelOutputs:
         """Rows at positions ``idx`` of this output."""
@@ -55,7 +56,7 @@ class ModelOutputs:
 
         return ModelOutputs(self.rows[idx], self.image[idx], pick(self.text), pick(self.probs),
                             {k: v[idx] for k, v in self.zeroshot.items()}, self.class_text,
-                            self.info)
+                            self.info, pick(self.image_stats))
 
 
 # -- labels ------------------------------------------------------------------------------------

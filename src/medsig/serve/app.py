@@ -192,9 +192,8 @@ async def assess(state: ServeState, data: bytes, explain: bool = False) -> S.Pre
     pixels, fmt, decode_ms, blank = await _pixels(state, data, predictor.preprocess,
                                                   getattr(predictor.preprocess, "size", None))
     row, info = await state.batcher("predict", safe.outputs_fn(predictor)).submit(pixels)
-    row = np.asarray(row)
-    probs = row[:-1]
-    ood = safe.ood_result(predictor, float(row[-1]), blank)
+    probs, ood_values = safe.split_row(row)
+    ood = safe.ood_result(predictor, ood_values, blank)
     results = safe.with_sets(predictor, state.heads, label_results(state.heads, probs), probs)
     status = safe.status_of(results, ood)
     if status == "not_assessed":

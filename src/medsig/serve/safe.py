@@ -2,7 +2,9 @@
 states per label, the OOD gate and saliency maps (``explain=true``).
 
 The predict batcher runs ``outputs_fn``: one row per image = the head probabilities and,
-last, the OOD score (NaN without a gate), so the encoder runs once for probes and zero-shot.
+last, the ``OOD_COLUMNS`` OOD values (the gate's score and each channel's raw score; NaN
+where absent), so the encoder runs once for probes and zero-shot. The image-statistics
+channel reads the same pixels (normalisation undone, ``medsig.data.image_stats``).
 """
 
 from __future__ import annotations
@@ -12,15 +14,36 @@ from typing import Any
 
 import numpy as np
 
-from medsig.models.ood import NOT_ASSESSED
-from medsig.serve.schemas import HeadInfo, LabelResult, OodInfo, OodResult
+from medsig.models.ood import EMBEDDING, IMAGE_STATS, NOT_ASSESSED, pixel_scores
+from medsig.serve.schemas import HeadInfo, LabelResult, OodChannel, OodInfo, OodResult
 from medsig.serve.summary import head_info
 
 UNCERTAIN = "uncertain — needs review"
+CHANNELS = (EMBEDDING, IMAGE_STATS)
+OOD_COLUMNS = 1 + len(CHANNELS)  # the gate's score, then each channel's raw score
+
+
+def _ood_values(gate: Any, predictor: Any, pixels: Any, emb: Any, n: int) -> np.ndarray:
+    """(n, OOD_COLUMNS): the gate's score and the raw channel scores (NaN: absent)."""
+    out = np.full((n, OOD_COLUMNS), np.nan, np.float32)
+    if gate is None:
+        return out
+    raw = pixel_scores(gate, predictor, pixels, emb)
+    out[:, 0] = gate.combined(raw)
+    for i, name in enumerate(CHANNELS, 1):
+        if name in raw:
+            out[:, i] = raw[name]
+    return out
+
+
+def split_row(row: Any) -> tuple[np.ndarray, np.ndarray]:
+    """One ``outputs_fn`` row -> (head probabilities, OOD values)."""
+    row = np.asarray(row)
+    return row[:-OOD_COLUMNS], row[-OOD_COLUMNS:]
 
 
 def outputs_fn(predictor: Any) -> Callable[[Any], np.ndarray]:
-    """pixels -> (n, K + 1): calibrated probabilities and the OOD score."""
+    """pixels -> (n, K + OOD_COLUMNS): calibrated probabilities and the OOD values."""
     safety = getattr(predictor, "safety", None)
     gate = getattr(safety, "ood", None)
 
@@ -31,22 +54,30 @@ def outputs_fn(predictor: Any) -> Callable[[Any], np.ndarray]:
             probs = predictor.predict_embeddings(emb)
         else:
             probs = predictor.predict_pixels(pixels)
-        if gate is None:
-            score = np.full(len(probs), np.nan, np.float32)
-        else:
-            score = gate.score(emb if emb is not None else predictor.embed(pixels))
-        return np.concatenate([np.asarray(probs, np.float32), score[:, None]], axis=1)
+        ood = _ood_values(gate, predictor, pixels, emb, len(probs))
+        return np.concatenate([np.asarray(probs, np.float32), ood], axis=1)
 
     return run
 
 
-def ood_result(predictor: Any, score: float, blank: bool = False) -> OodResult | None:
-    """The gate's verdict; a blank image (``models.ood.is_blank``) is always refused."""
+def ood_result(predictor: Any, values: Any, blank: bool = False) -> OodResult | None:
+    """The gate's verdict from one image's OOD values (``split_row``; a bare score for a
+    one-channel gate); a blank image (``models.ood.is_blank``) is always refused."""
     gate = getattr(getattr(predictor, "safety", None), "ood", None)
+    values = np.atleast_1d(np.asarray(values, np.float64))
+    score = float(values[0])
     if gate is None or not np.isfinite(score):
         return None
-    return OodResult(score=round(float(score), 6), threshold=round(float(gate.threshold), 6),
-                     flagged=blank or bool(gate.flag(np.array([score]))[0]), blank=blank)
+    channels = None
+    raw = {c: np.array([values[i]]) for i, c in enumerate(CHANNELS, 1)
+           if i < len(values) and np.isfinite(values[i])}
+    if gate.needs_stats and len(raw) == len(gate.channels):
+        log_p = gate.log_p(raw)
+        channels = {c: OodChannel(score=round(float(raw[c][0]), 6),
+                                  p_value=float(f"{np.exp(log_p[c][0]):.6g}")) for c in raw}
+    return OodResult(score=round(score, 6), threshold=round(float(gate.threshold), 6),
+                     flagged=blank or bool(gate.flag(np.array([score]))[0]), blank=blank,
+                     channels=channels)
 
 
 def with_sets(predictor: Any, heads: Sequence[Any], results: list[LabelResult],
@@ -84,10 +115,16 @@ def status_of(results: Sequence[LabelResult], ood: OodResult | None) -> str:
 def not_assessed_summary(model_name: str, version: str, ood: OodResult) -> str:
     from medsig.serve.summary import CAVEAT
 
+    if ood.score > ood.threshold:
+        why = f"out-of-distribution score {ood.score:.3f} above the threshold {ood.threshold:.3f}"
+        if ood.channels:
+            least = min(ood.channels, key=lambda c: ood.channels[c].p_value)  # type: ignore
+            why += f"; most unusual: {least.replace('_', ' ')}"
+    else:
+        why = "a blank or uniform image"
     return "\n".join([
         f"Automated image findings (model {model_name}, version {version}):",
-        f"- {NOT_ASSESSED} (out-of-distribution score {ood.score:.3f} above the threshold "
-        f"{ood.threshold:.3f}); no findings are given.", CAVEAT])
+        f"- {NOT_ASSESSED} ({why}); no findings are given.", CAVEAT])
 
 
 def head_infos(predictor: Any, heads: Sequence[Any]) -> list[HeadInfo]:
@@ -111,7 +148,8 @@ def ood_info(predictor: Any) -> OodInfo | None:
         return None
     i = gate.info()
     return OodInfo(method=i["method"], threshold=i["threshold"],
-                   false_reject_target=i["false_reject_target"], n_reference=i["n_reference"])
+                   false_reject_target=i["false_reject_target"], n_reference=i["n_reference"],
+                   channels=i["channels"], combine=i["combine"])
 
 
 def explain(predictor: Any, heads: Sequence[Any], pixels: Any, results: list[LabelResult],

@@ -78,14 +78,26 @@ class ImageInfo(_Model):
     bytes: int
 
 
+class OodChannel(_Model):
+    score: float = Field(description="The channel's raw score (a Mahalanobis distance; "
+                                     "higher: more unlike the train split).")
+    p_value: float = Field(description="How often an in-distribution (val) image scores at "
+                                       "least as high on this channel (gamma fit to the "
+                                       "val scores); small: unlike.")
+
+
 class OodResult(_Model):
-    score: float = Field(description="How unlike the train split's embeddings the image's "
-                                     "is (see /v1/labels `ood.method`; higher: more unlike).")
+    score: float = Field(description="How unlike the train split the image is (see "
+                                     "/v1/labels `ood.method`; higher: more unlike). With two "
+                                     "channels: -log10 of their combined p-value.")
     threshold: float = Field(description="Chosen on val at the saved false-reject rate.")
     flagged: bool = Field(description="Score above the threshold (or a blank image): the "
                                       "image is not assessed and `labels` is empty.")
     blank: bool = Field(False, description="The image is (nearly) uniform: refused "
                                            "whatever its score.")
+    channels: dict[str, OodChannel] | None = Field(
+        None, description="Per channel (`embedding`, `image_stats`): raw score and p-value; "
+                          "null for a one-channel gate (older model folders).")
 
 
 class PredictResponse(_Model):
@@ -177,6 +189,12 @@ class OodInfo(_Model):
     false_reject_target: float = Field(description="Share of in-distribution val images "
                                                    "the threshold refuses.")
     n_reference: int
+    channels: list[str] = Field(default_factory=lambda: ["embedding"],
+                                description="What the gate scores: `embedding` and, in "
+                                            "newer folders, `image_stats`.")
+    combine: str | None = Field(None, description="How channel p-values are combined "
+                                                  "(`fisher` or `bonferroni`); null with "
+                                                  "one channel.")
 
 
 class LabelsResponse(_Model):

@@ -1,5 +1,6 @@
 """Fit a model folder's safe outputs on its own split: temperatures and conformal thresholds
-on val, the OOD gate from train (reference) and val (threshold). Written by training (every
+on val, the OOD gate (embedding and image-statistics channels) from train (reference) and
+val (channel p-values, threshold). Written by training (every
 objective) and by ``medsig model safety DIR`` for an existing folder.
 """
 
@@ -21,18 +22,21 @@ from medsig.models.safety import Safety
 
 def split_outputs(predictor: Any, collection: Any, rows: np.ndarray, probs: bool = True,
                   batch_size: int = 64, num_workers: int | None = 0
-                  ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-    """Raw (uncalibrated) head probabilities and image embeddings of ``rows`` (unreadable
-    images skipped): (embeddings, probabilities or None, kept rows)."""
+                  ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray]:
+    """Raw (uncalibrated) head probabilities, image embeddings and image statistics
+    (``medsig.data.image_stats``, from the same pixels) of ``rows`` (unreadable images
+    skipped): (embeddings, probabilities or None, kept rows, statistics)."""
+    from medsig.data.image_stats import pixel_stats
     from medsig.data.reader import read_batches
 
-    embs, outs, kept = [], [], []
+    embs, outs, kept, stats = [], [], [], []
     for b in read_batches(collection.image_paths, rows.tolist(), predictor.preprocess,
                           batch_size, num_workers, draft_size=predictor.image_size):
         if not b.rows:
             continue
         emb = predictor.embed(b.pixels)
         embs.append(emb)
+        stats.append(pixel_stats(b.pixels, predictor.preprocess))
         if probs:
             outs.append(predictor.predict_embeddings(emb) if predictor.uses_embeddings
                         else predictor.raw_probabilities(b.pixels))
@@ -40,7 +44,8 @@ def split_outputs(predictor: Any, collection: Any, rows: np.ndarray, probs: bool
     if not kept:
         raise ConfigError("no readable image to fit the safe outputs on")
     order = np.asarray(kept)
-    return (np.concatenate(embs), np.concatenate(outs) if probs else None, order)
+    return (np.concatenate(embs), np.concatenate(outs) if probs else None, order,
+            np.concatenate(stats))
 
 
 def _targets(collection: Any, heads: list[Head], rows: np.ndarray) -> dict[str, np.ndarray]:
@@ -76,16 +81,17 @@ def fit_safety(folder: str | Path, spec: str | Path | None = None,
     rng = np.random.default_rng(seed)
     if len(train_rows) > MAX_REFERENCE:
         train_rows = np.sort(rng.choice(train_rows, MAX_REFERENCE, replace=False))
-    train_emb, _, _ = split_outputs(predictor, collection, train_rows, probs=False,
-                                    batch_size=batch_size)
-    val_emb, val_probs, val_kept = split_outputs(predictor, collection, val_rows,
-                                                 batch_size=batch_size)
+    train_emb, _, _, train_stats = split_outputs(predictor, collection, train_rows,
+                                                 probs=False, batch_size=batch_size)
+    val_emb, val_probs, val_kept, val_stats = split_outputs(predictor, collection, val_rows,
+                                                            batch_size=batch_size)
     heads = [Head.of(h) for h in predictor.heads]
     targets = _targets(collection, heads, val_kept)
     temps = fit_calibration(heads, targets, val_probs)
     calibrated = Safety(calibration=temps).calibrate(heads, val_probs)
     safety = Safety(temps, fit_conformal(heads, targets, calibrated, alpha),
-                    fit_ood(train_emb, val_emb, false_reject, seed=seed),
+                    fit_ood(train_emb, val_emb, false_reject, seed=seed,
+                            train_stats=train_stats, val_stats=val_stats),
                     {"n_train": int(len(train_emb)), "n_val": int(len(val_emb))})
     safety.save(folder)
     return safety
