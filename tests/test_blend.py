@@ -86,6 +86,50 @@ def test_alpha_table_and_pick():
     assert pick["meets"] is False and pick["alpha"] == 0.5  # best compromise, flagged
 
 
+def test_alpha_table_intervals_over_paired_resamples():
+    import numpy as np
+
+    def ci(x, reps):
+        return {"point": x, "replicates": reps}
+
+    names = {"a0": 0.0, "a5": 0.5, "a1": 1.0}
+    # three resamples, the same for every model; one undefined (None) at alpha 0.5
+    in_domain = {"a0": ci(0.5, [0.5, 0.4, 0.6]), "a5": ci(0.8, [0.8, None, 0.75]),
+                 "a1": ci(0.9, [0.9, 0.8, 0.8])}
+    retention = {"a0": ci(0.4, [0.4, 0.5, 0.4]), "a5": ci(0.38, [0.38, 0.45, 0.3]),
+                 "a1": ci(0.2, [0.2, 0.25, 0.3])}
+    row = alpha_table(in_domain, retention, names)[1]
+    assert "replicates" not in row["in_domain"] and "replicates" not in row["retention"]
+    # gain kept per resample: 0.75, (skipped), 0.75 ; drop recovered: 0.9, 0.8, 0.0
+    assert row["gain_kept_ci"]["low"] == pytest.approx(0.75)
+    assert row["gain_kept_ci"]["n_boot"] == 2
+    expected = np.percentile([0.9, 0.8, 0.0], [2.5, 97.5])
+    assert [row["drop_recovered_ci"]["low"], row["drop_recovered_ci"]["high"]] == \
+        pytest.approx(expected.tolist())
+    assert row["retained_ci"]["high"] == pytest.approx(np.percentile([0.95, 0.9, 0.75], 97.5))
+    plain = alpha_table({k: {"point": v["point"]} for k, v in in_domain.items()},
+                        retention, names)[1]
+    assert plain["gain_kept_ci"] is None  # no resamples kept: no interval claimed
+
+
+def test_ci_keeps_resamples_in_step_with_undefined_ones():
+    import numpy as np
+
+    from medsig.evaluate.statistics import _ci
+
+    y = np.array([0, 1, 0, 1, 1, 0, 1, 0])
+
+    def mean_or_fail(v):
+        if v.sum() == 0:
+            raise ValueError("undefined")
+        return float(v.mean())
+
+    res = _ci(mean_or_fail, (y,), None, 40, 0, keep=True)
+    assert len(res["replicates"]) == 40
+    assert sum(np.isnan(res["replicates"])) == res["n_skipped"]
+    assert "replicates" not in _ci(mean_or_fail, (y,), None, 40, 0)
+
+
 def test_spec_retention_block_is_validated(tmp_path):
     base = {"table": "t.csv", "columns": {"image": "f"}}
     spec = DatasetSpec.from_dict({**base, "retention": {"metric": "clustering/nmi:category",
