@@ -27,6 +27,31 @@ def test_blend_state_interpolates_shared_tensors_and_keeps_heads():
     assert "text_model.w" not in out
 
 
+def test_blend_mixes_classifier_heads_only_when_both_have_the_same_labels(tmp_path):
+    from safetensors.torch import save_file
+
+    def folder(name, value, heads):
+        d = tmp_path / name
+        d.mkdir()
+        save_file({"vision_model.w": torch.full((2,), value),
+                   "classifier.weight": torch.full((1, 2), value)}, str(d / "model.safetensors"))
+        (d / "medsig.json").write_text(json.dumps({"objective": "classify", "heads": heads}))
+        return d
+
+    def head(name):
+        return [{"name": name, "kind": "binary", "classes": [f"no {name}", name],
+                 "offset": 0, "size": 1}]
+
+    broad = folder("broad", 0.0, head("urgent"))
+    narrow = folder("narrow", 4.0, head("infection"))  # same shape, other label
+    again = folder("again", 4.0, head("urgent"))  # continued training on the same label
+    for tuned, expected in ((narrow, 4.0), (again, 2.0)):
+        mixed = load_file(str(blend(broad, tuned, [0.5], tmp_path / f"out-{tuned.name}")[0]
+                              / "model.safetensors"))
+        assert torch.equal(mixed["vision_model.w"], torch.full((2,), 2.0))
+        assert torch.equal(mixed["classifier.weight"], torch.full((1, 2), expected))
+
+
 def test_lora_blend_scales_only_the_b_matrices():
     adapter = {"x.lora_A.weight": torch.ones(2, 4), "x.lora_B.weight": torch.full((4, 2), 2.0),
                "classifier.weight": torch.ones(3)}
