@@ -86,13 +86,6 @@ def ci(d: dict[str, Any] | None, digits: int = 3) -> str:
     return f"{d['point']:.{digits}f} [{d['low']:.{digits}f}, {d['high']:.{digits}f}]"
 
 
-def pct(value: float | None, interval: dict[str, Any] | None) -> str:
-    if value is None or value != value:
-        return "-"
-    inner = f" [{100 * interval['low']:.0f}, {100 * interval['high']:.0f}]" if interval else ""
-    return f"{100 * value + 0.0:.0f}%{inner}"
-
-
 def diff(p: dict[str, Any]) -> str:
     return f"{p['difference']:+.3f} [{p['low']:+.3f}, {p['high']:+.3f}]"
 
@@ -118,13 +111,15 @@ def learned_and_forgot(derm: Path, models: dict[str, str], work: Path, n_boot: i
 
 
 def table(rows: list[dict[str, Any]], split: str) -> None:
+    from medsig.evaluate.retention import ratio_text
+
     say(f"\n{split}: {'alpha':>5}  {'wound macro AUC':>22}  {'gain kept':>15}  "
         f"{'derm category NMI':>22}  {'retained':>15}  {'drop recovered':>16}")
     for r in rows:
         say(f"{'':>{len(split) + 2}}{r['alpha']:>5.1f}  {ci(r['in_domain']):>22}  "
-            f"{pct(r['gain_kept'], r['gain_kept_ci']):>15}  {ci(r['retention']):>22}  "
-            f"{pct(r['retained'], r['retained_ci']):>15}  "
-            f"{pct(r['drop_recovered'], r['drop_recovered_ci']):>16}")
+            f"{ratio_text(r['gain_kept'], r['gain_kept_ci']):>15}  {ci(r['retention']):>22}  "
+            f"{ratio_text(r['retained'], r['retained_ci']):>15}  "
+            f"{ratio_text(r['drop_recovered'], r['drop_recovered_ci']):>16}")
 
 
 def meets(rows: list[dict[str, Any]], key: str) -> list[float]:
@@ -252,6 +247,8 @@ def main() -> None:
 def report(sel: dict[str, Any], rows: list[dict[str, Any]], paired: dict[str, Any]
            ) -> dict[str, Any]:
     """What the run shows: the choice on val, and which alphas meet both 90 % targets."""
+    from medsig.evaluate.retention import ratio_text
+
     pick = sel["choice"]
     last = "alpha-1.00"
     drop_val = sel["retention"]["paired"].get(last, {})
@@ -269,9 +266,9 @@ def report(sel: dict[str, Any], rows: list[dict[str, Any]], paired: dict[str, An
         f"{pick['meets']})")
     chosen = next((r for r in rows if r["alpha"] == pick["alpha"]), None)
     if chosen is not None:
-        say(f"  on test: gain kept {pct(chosen['gain_kept'], chosen['gain_kept_ci'])}, "
-            f"retained {pct(chosen['retained'], chosen['retained_ci'])}, drop recovered "
-            f"{pct(chosen['drop_recovered'], chosen['drop_recovered_ci'])}")
+        say(f"  on test: gain kept {ratio_text(chosen['gain_kept'], chosen['gain_kept_ci'])}, "
+            f"retained {ratio_text(chosen['retained'], chosen['retained_ci'])}, drop recovered "
+            f"{ratio_text(chosen['drop_recovered'], chosen['drop_recovered_ci'])}")
     for split, r in (("val", sel["rows"]), ("test", rows)):
         say(f"{split}: alphas with >= 90 % gain and >= 90 % retained: "
             f"{meets(r, 'retained') or 'none'}; with >= 90 % of the drop recovered: "

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from medsig.errors import ConfigError, SpecError
-from medsig.evaluate.retention import alpha_table, pick_alpha
+from medsig.evaluate.retention import alpha_table, pick_alpha, ratio_text
 from medsig.models.blend import blend, blend_state, parse_alphas, scale_adapter
 from medsig.spec import DatasetSpec
 from tests.test_train_helpers import tiny_fixture, wound_fixture  # noqa: F401 (fixtures)
@@ -135,6 +135,8 @@ def test_alpha_table_intervals_over_paired_resamples():
     plain = alpha_table({k: {"point": v["point"]} for k, v in in_domain.items()},
                         retention, names)[1]
     assert plain["gain_kept_ci"] is None  # no resamples kept: no interval claimed
+    assert ratio_text(row["gain_kept"], row["gain_kept_ci"]) == "75% [75, 75]"
+    assert ratio_text(-0.004, None) == "0%" and ratio_text(float("nan"), None) == "-"
 
 
 def test_ci_keeps_resamples_in_step_with_undefined_ones():

@@ -126,6 +126,14 @@ def alpha_table(in_domain: dict[str, Any], retention: dict[str, Any],
     return rows
 
 
+def ratio_text(value: float | None, interval: dict[str, Any] | None) -> str:
+    """A ratio of ``alpha_table`` as a percentage with its interval: ``91% [68, 105]``."""
+    if value is None or not math.isfinite(value):
+        return "-"
+    inner = f" [{100 * interval['low']:.0f}, {100 * interval['high']:.0f}]" if interval else ""
+    return f"{round(100 * value) + 0:d}%{inner}"
+
+
 def pick_alpha(rows: Sequence[dict[str, Any]], keep: float = KEEP, recover: float = RECOVER
                ) -> dict[str, Any]:
     """The alpha keeping >= ``keep`` of the gain with >= ``recover`` of the retention metric
