@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from medsig.errors import ConfigError, SpecError
-from medsig.evaluate.retention import alpha_table, pick_alpha
+from medsig.evaluate.retention import alpha_table, pick_alpha, ratio_text
 from medsig.models.blend import blend, blend_state, parse_alphas, scale_adapter
 from medsig.spec import DatasetSpec
 from tests.test_train_helpers import tiny_fixture, wound_fixture  # noqa: F401 (fixtures)
@@ -25,6 +25,31 @@ def test_blend_state_interpolates_shared_tensors_and_keeps_heads():
     assert torch.equal(out["classifier.weight"], torch.ones(2))  # only the fine-tune has it
     assert torch.equal(out["vision_model.steps"], torch.tensor([3]))  # integers not mixed
     assert "text_model.w" not in out
+
+
+def test_blend_mixes_classifier_heads_only_when_both_have_the_same_labels(tmp_path):
+    from safetensors.torch import save_file
+
+    def folder(name, value, heads):
+        d = tmp_path / name
+        d.mkdir()
+        save_file({"vision_model.w": torch.full((2,), value),
+                   "classifier.weight": torch.full((1, 2), value)}, str(d / "model.safetensors"))
+        (d / "medsig.json").write_text(json.dumps({"objective": "classify", "heads": heads}))
+        return d
+
+    def head(name):
+        return [{"name": name, "kind": "binary", "classes": [f"no {name}", name],
+                 "offset": 0, "size": 1}]
+
+    broad = folder("broad", 0.0, head("urgent"))
+    narrow = folder("narrow", 4.0, head("infection"))  # same shape, other label
+    again = folder("again", 4.0, head("urgent"))  # continued training on the same label
+    for tuned, expected in ((narrow, 4.0), (again, 2.0)):
+        mixed = load_file(str(blend(broad, tuned, [0.5], tmp_path / f"out-{tuned.name}")[0]
+                              / "model.safetensors"))
+        assert torch.equal(mixed["vision_model.w"], torch.full((2,), 2.0))
+        assert torch.equal(mixed["classifier.weight"], torch.full((1, 2), expected))
 
 
 def test_lora_blend_scales_only_the_b_matrices():
@@ -84,6 +109,52 @@ def test_alpha_table_and_pick():
     retention["a0.8"] = ci(0.3)
     pick = pick_alpha(alpha_table(in_domain, retention, names))
     assert pick["meets"] is False and pick["alpha"] == 0.5  # best compromise, flagged
+
+
+def test_alpha_table_intervals_over_paired_resamples():
+    import numpy as np
+
+    def ci(x, reps):
+        return {"point": x, "replicates": reps}
+
+    names = {"a0": 0.0, "a5": 0.5, "a1": 1.0}
+    # three resamples, the same for every model; one undefined (None) at alpha 0.5
+    in_domain = {"a0": ci(0.5, [0.5, 0.4, 0.6]), "a5": ci(0.8, [0.8, None, 0.75]),
+                 "a1": ci(0.9, [0.9, 0.8, 0.8])}
+    retention = {"a0": ci(0.4, [0.4, 0.5, 0.4]), "a5": ci(0.38, [0.38, 0.45, 0.3]),
+                 "a1": ci(0.2, [0.2, 0.25, 0.3])}
+    row = alpha_table(in_domain, retention, names)[1]
+    assert "replicates" not in row["in_domain"] and "replicates" not in row["retention"]
+    # gain kept per resample: 0.75, (skipped), 0.75 ; drop recovered: 0.9, 0.8, 0.0
+    assert row["gain_kept_ci"]["low"] == pytest.approx(0.75)
+    assert row["gain_kept_ci"]["n_boot"] == 2
+    expected = np.percentile([0.9, 0.8, 0.0], [2.5, 97.5])
+    assert [row["drop_recovered_ci"]["low"], row["drop_recovered_ci"]["high"]] == \
+        pytest.approx(expected.tolist())
+    assert row["retained_ci"]["high"] == pytest.approx(np.percentile([0.95, 0.9, 0.75], 97.5))
+    plain = alpha_table({k: {"point": v["point"]} for k, v in in_domain.items()},
+                        retention, names)[1]
+    assert plain["gain_kept_ci"] is None  # no resamples kept: no interval claimed
+    assert ratio_text(row["gain_kept"], row["gain_kept_ci"]) == "75% [75, 75]"
+    assert ratio_text(-0.004, None) == "0%" and ratio_text(float("nan"), None) == "-"
+
+
+def test_ci_keeps_resamples_in_step_with_undefined_ones():
+    import numpy as np
+
+    from medsig.evaluate.statistics import _ci
+
+    y = np.array([0, 1, 0, 1, 1, 0, 1, 0])
+
+    def mean_or_fail(v):
+        if v.sum() == 0:
+            raise ValueError("undefined")
+        return float(v.mean())
+
+    res = _ci(mean_or_fail, (y,), None, 40, 0, keep=True)
+    assert len(res["replicates"]) == 40
+    assert sum(np.isnan(res["replicates"])) == res["n_skipped"]
+    assert "replicates" not in _ci(mean_or_fail, (y,), None, 40, 0)
 
 
 def test_spec_retention_block_is_validated(tmp_path):

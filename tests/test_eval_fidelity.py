@@ -59,6 +59,8 @@ def test_alpha_selection_on_val_with_the_specs_retention_check(tmp_path_factory)
     assert res["retention"]["split"] == "val" and res["retention"]["metric"] == \
         "clustering/nmi:category"
     assert all(r["retention"]["point"] is not None for r in res["rows"])
+    mid = res["rows"][1]  # ratios with intervals over the same resamples, no raw resamples
+    assert "replicates" not in mid["retention"] and mid["retained_ci"] is not None
     assert "alpha" in res["choice"]
     out = tmp_path_factory.mktemp("eval_ret")
     metrics = evaluate(spec, {"a": str(base), "b": str(tuned)}, tasks=["zeroshot"],

@@ -200,12 +200,16 @@ def model_blend(
             console.print(f"wrote {folder}")
         return
     from medsig.evaluate.blending import choose_alpha
+    from medsig.evaluate.figures import fmt_ci
+    from medsig.evaluate.retention import ratio_text
 
     res = choose_alpha(select, base, str(tuned), alphas, out, metric, split, n_boot=n_boot)
     for row in res["rows"]:
-        console.print(f"alpha {row['alpha']:.2f}: {metric} {row['in_domain']['point']:.3f} "
-                      f"(gain kept {row['gain_kept']:.2f}), retention "
-                      f"{row['retention']['point']:.3f} (retained {row['retained']:.2f})")
+        console.print(f"alpha {row['alpha']:.2f}: {metric} {fmt_ci(row['in_domain'])} (gain "
+                      f"kept {ratio_text(row['gain_kept'], row['gain_kept_ci'])}), retention "
+                      f"{fmt_ci(row['retention'])} (retained "
+                      f"{ratio_text(row['retained'], row['retained_ci'])}, drop recovered "
+                      f"{ratio_text(row['drop_recovered'], row['drop_recovered_ci'])})")
     pick = res["choice"]
     note = "" if pick["meets"] else " (no alpha meets both 90 % targets: best compromise)"
     console.print(f"chosen on {split}: alpha {pick['alpha']}{note}; "

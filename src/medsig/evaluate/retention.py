@@ -16,6 +16,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from medsig.errors import ConfigError
 from medsig.spec import DatasetSpec
 
@@ -66,26 +68,70 @@ def _point(d: dict[str, Any] | None) -> float:
         else float("nan")
 
 
+def _reps(d: dict[str, Any] | None) -> np.ndarray | None:
+    """The bootstrap resample values of one CI (None -> NaN), or None when not kept."""
+    values = (d or {}).get("replicates")
+    return None if values is None else np.array(
+        [np.nan if v is None else v for v in values], dtype=np.float64)
+
+
+def _ratio_ci(num: tuple[Any, Any], den: tuple[Any, Any], alpha: float = 0.05
+              ) -> dict[str, float] | None:
+    """Percentile interval of (a − b) / (c − d) over paired resamples (``num`` = (a, b),
+    ``den`` = (c, d), each a replicate array); None without replicates."""
+    arrays = [*num, *den]
+    if any(a is None for a in arrays) or len({len(a) for a in arrays}) != 1:
+        return None
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = (arrays[0] - arrays[1]) / (arrays[2] - arrays[3])
+    ok = ratio[np.isfinite(ratio)]
+    if not ok.size:
+        return None
+    low, high = np.percentile(ok, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+    return {"low": float(low), "high": float(high), "n_boot": int(ok.size)}
+
+
+def _strip(d: dict[str, Any] | None) -> dict[str, Any] | None:
+    return None if d is None else {k: v for k, v in d.items() if k != "replicates"}
+
+
 def alpha_table(in_domain: dict[str, Any], retention: dict[str, Any],
                 alphas: dict[str, float]) -> list[dict[str, Any]]:
     """Per alpha: in-domain gain kept (vs alpha 0 -> 1) and retention kept / recovered.
 
     ``gain_kept`` = (m(α) − m(0)) / (m(1) − m(0)); ``retained`` = r(α) / r(0);
-    ``drop_recovered`` = (r(α) − r(1)) / (r(0) − r(1)).
+    ``drop_recovered`` = (r(α) − r(1)) / (r(0) − r(1)). When the CIs hold their bootstrap
+    resamples (``evaluate(..., replicates=True)``: the same resamples for every model), each
+    ratio also gets a 95% percentile interval (``<name>_ci``) over those paired resamples.
     """
     by_alpha = sorted(alphas.items(), key=lambda kv: kv[1])
     first, last = by_alpha[0][0], by_alpha[-1][0]
     m0, m1 = _point(in_domain.get(first)), _point(in_domain.get(last))
     r0, r1 = _point(retention.get(first)), _point(retention.get(last))
+    bm0, bm1 = _reps(in_domain.get(first)), _reps(in_domain.get(last))
+    br0, br1 = _reps(retention.get(first)), _reps(retention.get(last))
+    zero = None if br0 is None else np.zeros_like(br0)
     rows = []
     for name, alpha in by_alpha:
         m, r = _point(in_domain.get(name)), _point(retention.get(name))
-        rows.append({"model": name, "alpha": alpha, "in_domain": in_domain.get(name),
-                     "retention": retention.get(name),
+        bm, br = _reps(in_domain.get(name)), _reps(retention.get(name))
+        rows.append({"model": name, "alpha": alpha, "in_domain": _strip(in_domain.get(name)),
+                     "retention": _strip(retention.get(name)),
                      "gain_kept": (m - m0) / (m1 - m0) if m1 != m0 else float("nan"),
                      "retained": r / r0 if r0 else float("nan"),
-                     "drop_recovered": (r - r1) / (r0 - r1) if r0 != r1 else float("nan")})
+                     "drop_recovered": (r - r1) / (r0 - r1) if r0 != r1 else float("nan"),
+                     "gain_kept_ci": _ratio_ci((bm, bm0), (bm1, bm0)),
+                     "retained_ci": _ratio_ci((br, zero), (br0, zero)),
+                     "drop_recovered_ci": _ratio_ci((br, br1), (br0, br1))})
     return rows
+
+
+def ratio_text(value: float | None, interval: dict[str, Any] | None) -> str:
+    """A ratio of ``alpha_table`` as a percentage with its interval: ``91% [68, 105]``."""
+    if value is None or not math.isfinite(value):
+        return "-"
+    inner = f" [{100 * interval['low']:.0f}, {100 * interval['high']:.0f}]" if interval else ""
+    return f"{round(100 * value) + 0:d}%{inner}"
 
 
 def pick_alpha(rows: Sequence[dict[str, Any]], keep: float = KEEP, recover: float = RECOVER

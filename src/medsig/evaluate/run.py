@@ -111,7 +111,7 @@ def evaluate(spec: str | Path, models: dict[str, str], tasks: Sequence[str] = TA
              num_workers: int | None = None, report: bool = True,
              duplicates: float | None = DEFAULT_THRESHOLD, retention: bool = True,
              retention_split: str | None = None, audit: bool = True,
-             purpose: str = "eval") -> dict[str, Any]:
+             purpose: str = "eval", replicates: bool = False) -> dict[str, Any]:
     """Evaluate ``models`` ({name: path or hub id}) on ``split``; the JSON-safe metrics dict.
 
     With ``out``: writes out/metrics.json, the report (report.md / report.html) and caches
@@ -119,6 +119,8 @@ def evaluate(spec: str | Path, models: dict[str, str], tasks: Sequence[str] = TA
     near-duplicate check across splits (``medsig.data.duplicates``; None: skipped).
     ``retention``: also measure the spec's retention check (on ``retention_split``, default
     the spec's or ``split``). ``audit``: the hidden-subgroup audit (``evaluate/audit.py``).
+    ``replicates``: every headline CI also holds its bootstrap resample values (the same
+    resamples for every model: statistics across models, e.g. ``alpha_table``'s ratios).
     Reading the test split counts one use (``purpose``) in the collection's test-set ledger
     (``evaluate/ledger.py``).
     """
@@ -149,7 +151,8 @@ def evaluate(spec: str | Path, models: dict[str, str], tasks: Sequence[str] = TA
     hl = Headlines()
     results, safe, clinical, curves = _run_tasks(col, outputs, models, tasks, hl, n_boot,
                                                  batchwise_size, seed)
-    headline, paired, winners = validity(hl, list(models), col.groups, n_boot, seed)
+    headline, paired, winners = validity(hl, list(models), col.groups, n_boot, seed,
+                                         replicates)
     curves["tsne"] = _tsne(col, outputs, seed)
     metrics = clean_json({
         "spec": {"name": full.spec.name, "path": str(full.spec.path)},
@@ -165,7 +168,8 @@ def evaluate(spec: str | Path, models: dict[str, str], tasks: Sequence[str] = TA
         "curves": curves, "seconds": round(time.perf_counter() - started, 2),
     })
     fidelity = {"retention": retention, "retention_split": retention_split, "audit": audit,
-                "purpose": purpose, "batch_size": batch_size, "num_workers": num_workers}
+                "purpose": purpose, "batch_size": batch_size, "num_workers": num_workers,
+                "replicates": replicates}
     metrics.update(_fidelity(full, idx, col, hl, outputs, models, split, out_dir, fidelity,
                              n_boot, seed, device))
     if out_dir is not None:
@@ -193,7 +197,8 @@ def _fidelity(full: Collection, idx: np.ndarray, col: Collection, hl: Headlines,
         found["retention"] = clean_json(retention_check(
             spec_r, {m: str(p) for m, p in models.items()}, split, out_dir, evaluate,
             batch_size=opts["batch_size"], n_boot=n_boot, seed=seed, device=device,
-            num_workers=opts["num_workers"], duplicates=None))
+            num_workers=opts["num_workers"], duplicates=None,
+            replicates=opts["replicates"]))
     if split == "test":
         from medsig.evaluate.ledger import record_use
 

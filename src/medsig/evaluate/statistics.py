@@ -19,14 +19,19 @@ NOT_RECORDED = "not recorded"  # a subgroup / colour value that is missing in th
 
 
 def _ci(fn: Callable[..., float], arrays: tuple, groups: np.ndarray, n_boot: int, seed: int,
-        bias_correct: bool = False) -> dict[str, Any]:
+        bias_correct: bool = False, keep: bool = False) -> dict[str, Any]:
     """Percentile group-bootstrap CI; with ``bias_correct`` the interval is shifted by the
     bootstrap bias (mean of the resamples - point estimate) and clipped to [0, 1], the range
-    of the one such statistic (NMI)."""
+    of the one such statistic (NMI). ``keep``: also the resample values (``replicates``, NaN
+    where undefined; the same resamples for every model of one evaluation)."""
     values: list[float] = []
 
     def recording(*a: np.ndarray) -> float:
-        values.append(float(fn(*a)))
+        try:
+            values.append(float(fn(*a)))
+        except (ValueError, ZeroDivisionError):
+            values.append(float("nan"))  # kept in step with the resamples
+            raise
         return values[-1]
 
     try:
@@ -40,18 +45,22 @@ def _ci(fn: Callable[..., float], arrays: tuple, groups: np.ndarray, n_boot: int
             res.update(bias=bias, low_uncorrected=res["low"], high_uncorrected=res["high"],
                        low=min(max(res["low"] - bias, 0.0), 1.0),
                        high=min(max(res["high"] - bias, 0.0), 1.0))
+    if keep:
+        res["replicates"] = values[1:]
     return res
 
 
 def validity(hl: Headlines, order: Sequence[str], groups: np.ndarray, n_boot: int,
-             seed: int) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """Group-bootstrap CIs, paired differences vs the first model, and a winner per metric."""
+             seed: int, replicates: bool = False
+             ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Group-bootstrap CIs, paired differences vs the first model, and a winner per metric
+    (``replicates``: each CI also holds its resample values, see ``_ci``)."""
     headline: dict[str, Any] = {}
     paired: dict[str, Any] = {}
     winners: dict[str, Any] = {}
     first = order[0]
     for metric, per in hl.items.items():
-        headline[metric] = {m: _ci(fn, arrays, groups, n_boot, seed, corr)
+        headline[metric] = {m: _ci(fn, arrays, groups, n_boot, seed, corr, replicates)
                             for m, (fn, arrays, _, corr) in per.items()}
         paired[metric] = {}
         for m, (fn, arrays, key, _) in per.items():

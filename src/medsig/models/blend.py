@@ -3,10 +3,12 @@
 ``blend(base, tuned, alphas, out)`` writes one model folder per alpha,
 ``θ(α) = (1 − α)·θ_base + α·θ_tuned`` for every tensor both checkpoints hold (α = 0: the
 base weights, α = 1: the fine-tune). Tensors only the fine-tune has (a classifier head)
-are kept as they are. Full and partial fine-tunes blend the same way (frozen tensors are
-equal, so they stay unchanged). A LoRA adapter folder (``adapter_config.json``) is blended
-by scaling the adapter: ``ΔW(α) = α·B·A``, i.e. ``lora_B`` times α, which is the same
-interpolation without touching the base weights.
+are kept as they are; a classifier head the base also has is interpolated only when both
+record the same heads (labels and classes), else the fine-tune's is kept. Full and partial
+fine-tunes blend the same way (frozen tensors are equal, so they stay unchanged). A LoRA
+adapter folder (``adapter_config.json``) is blended by scaling the adapter:
+``ΔW(α) = α·B·A``, i.e. ``lora_B`` times α, which is the same interpolation without
+touching the base weights.
 
 Each output is a copy of the fine-tune's folder (processor, tokenizer, ``medsig.json``,
 the recorded preprocessing) with blended weights and ``medsig.json["blend"]`` =
@@ -27,6 +29,7 @@ from medsig.models.artifact import Artifact, reference
 
 WEIGHTS = "model.safetensors"
 ADAPTER = "adapter_model.safetensors"
+HEAD_PREFIXES = ("classifier.",)  # AutoModelForImageClassification's label heads
 _SKIP = {WEIGHTS, ADAPTER, "model.safetensors.index.json", "checkpoints", "tensorboard",
          "blend", "ood.safetensors"}
 
@@ -92,13 +95,14 @@ def _base_key(key: str, base: dict[str, torch.Tensor]) -> str | None:
     return None
 
 
-def blend_state(base: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor], alpha: float
-                ) -> tuple[dict[str, torch.Tensor], int]:
-    """(blended state, number of tensors interpolated); fine-tune-only tensors kept."""
+def blend_state(base: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor], alpha: float,
+                keep: tuple[str, ...] = ()) -> tuple[dict[str, torch.Tensor], int]:
+    """(blended state, number of tensors interpolated); fine-tune-only tensors kept, and
+    those whose key starts with one of ``keep`` (heads the base trained for other labels)."""
     out: dict[str, torch.Tensor] = {}
     shared = 0
     for key, t in tuned.items():
-        b = _base_key(key, base)
+        b = None if key.startswith(keep) else _base_key(key, base)
         if b is None or not t.is_floating_point() or base[b].shape != t.shape:
             out[key] = t.clone()
             continue
@@ -117,6 +121,22 @@ def scale_adapter(adapter: dict[str, torch.Tensor], alpha: float) -> dict[str, t
 def _read_meta(folder: Path) -> dict:
     art = Artifact.find(folder)
     return art.to_dict() if art is not None else {}
+
+
+def _heads(meta: dict) -> list[tuple[str, tuple[str, ...]]]:
+    return [(h.get("name"), tuple(h.get("classes") or ())) for h in meta.get("heads") or []]
+
+
+def _keep_heads(base: str | Path, tuned_meta: dict) -> tuple[str, ...]:
+    """The classifier's tensors are interpolated only when the base recorded the same heads
+    (names and classes, in order); else they are the fine-tune's (a base head of equal shape
+    was trained for other labels: mixing it in would be meaningless)."""
+    from medsig.models.encoder import resolve_cached
+
+    folder = Path(resolve_cached(str(base)))
+    same = folder.is_dir() and _heads(tuned_meta) and \
+        _heads(_read_meta(folder)) == _heads(tuned_meta)
+    return () if same else HEAD_PREFIXES
 
 
 def _write_meta(tuned: Path, tmp: Path, dst: Path, blend_info: dict) -> None:
@@ -163,6 +183,7 @@ def blend(base: str | Path, tuned: str | Path, alphas: Sequence[float], out: str
         tuned_state, base_state = load_file(str(tuned_dir / ADAPTER)), {}
     else:
         tuned_state, base_state = load_weights(tuned_dir), load_weights(base)
+    keep = _keep_heads(base, meta) if not adapter else ()
     written: list[Path] = []
     for alpha in alphas:
         dst = out / alpha_name(alpha)
@@ -172,7 +193,7 @@ def blend(base: str | Path, tuned: str | Path, alphas: Sequence[float], out: str
         if adapter:
             state, shared = scale_adapter(tuned_state, alpha), -1
         else:
-            state, shared = blend_state(base_state, tuned_state, alpha)
+            state, shared = blend_state(base_state, tuned_state, alpha, keep)
             if shared == 0:
                 raise ConfigError(f"'{tuned}' and '{base}' share no weight tensor: "
                                   "is BASE the model the fine-tune started from?")
