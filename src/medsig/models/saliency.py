@@ -211,16 +211,20 @@ def _has_cls(tokens: torch.Tensor) -> bool:
 
 
 @contextmanager
-def _eager_attention(model: Any) -> Iterator[None]:
-    """The model with eager attention (which returns the attention probabilities)."""
+def _eager_attention(modules: list[torch.nn.Module]) -> Iterator[None]:
+    """The attention layers in eager mode (which returns the attention probabilities); the
+    vision config is switched, not the whole model (no text-tower side effects)."""
+    configs = list({id(m.config): m.config for m in modules
+                    if getattr(m, "config", None) is not None}.values())
     with _EAGER:
-        before = getattr(model.config, "_attn_implementation", None)
-        model.set_attn_implementation("eager")
+        before = [c._attn_implementation for c in configs]
         try:
+            for c in configs:
+                c._attn_implementation = "eager"
             yield
         finally:
-            if before and before != "eager":
-                model.set_attn_implementation(before)
+            for c, b in zip(configs, before):
+                c._attn_implementation = b
 
 
 def _attention_modules(layers: torch.nn.ModuleList) -> list[torch.nn.Module]:
@@ -243,7 +247,7 @@ def rollout(predictor: Any, pixels: torch.Tensor, column: int) -> np.ndarray | N
         return None
     probs: list[torch.Tensor] = []
     mods = _attention_modules(layers)
-    with _eager_attention(model):
+    with _eager_attention(mods):
         handles = [m.register_forward_hook(lambda _, __, out: probs.append(out[1]))
                    for m in mods]
         pooled: dict[str, torch.Tensor] = {}
@@ -254,6 +258,8 @@ def rollout(predictor: Any, pixels: torch.Tensor, column: int) -> np.ndarray | N
         try:
             with torch.enable_grad():
                 s = score(pixels[None])[0]
+                if len(probs) != len(mods) or any(a is None for a in probs):
+                    return None  # attention probabilities unavailable (fused kernel)
                 grads = torch.autograd.grad(s, probs)
         finally:
             for handle in handles:

@@ -63,7 +63,8 @@ class LabelResult(_Model):
     alpha: float | None = Field(None, description="Conformal error rate of this label.")
     saliency_png: str | None = Field(
         None, description="With `explain=true`: base64 PNG of the image with a heat map "
-                          "(Grad-CAM) of where this label's score came from.")
+                          "of where this label's score came from (`explain_method`: "
+                          "occlusion by default, gradcam or rollout).")
 
 
 class Timing(_Model):
