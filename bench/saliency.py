@@ -9,7 +9,8 @@ Models: a linear probe on a tiny *random* SigLIP (the encoder never learns anyth
 tiny classifiers (SigLIP, CLIP) fine-tuned end to end on the train split. For every test
 image with the finding: the share of the map's mass inside the mask (``mass_inside``) for
 each method of ``medsig.models.saliency`` against a random map (goal >= 0.60), and the
-time per map. Writes bench/results/saliency.json.
+time per map; beside it the model's test ROC AUC for the label (a map can only point at a
+finding the model has learned). Writes bench/results/saliency.json.
 
     .venv/bin/python bench/saliency.py [--n 400] [--epochs 10]
 """
@@ -28,6 +29,19 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 GOAL = 0.60
+
+
+def test_auc(predictor, paths: list[Path], targets: np.ndarray, label: str) -> float:
+    """ROC AUC of ``label`` on the test images: did the model learn the finding?"""
+    import torch
+
+    from medsig.data.images import load_image
+    from medsig.metrics.classification import roc_auc
+    from medsig.models.heads import Head
+
+    column = next(Head.of(h) for h in predictor.heads if h.name == label).offset
+    pixels = torch.stack([predictor.preprocess(load_image(p)) for p in paths])
+    return float(roc_auc(targets, predictor.raw_probabilities(pixels)[:, column]))
 
 
 def measure(predictor, items: list[tuple[Path, np.ndarray]], label: str) -> dict:
@@ -79,7 +93,12 @@ def lesions(root: Path, n: int, epochs: int, tinies: dict[str, Path]) -> dict:
     for arch, tiny in tinies.items():
         models[f"{arch} classifier, fine-tuned"] = classifier(spec, tiny, root / f"l-{arch}",
                                                               epochs)
-    return {name: measure(load_predictor(m), items, "lesion") for name, m in models.items()}
+    rows = range(4, n, 5)  # every test row, for the AUC
+    paths = [root / "lesions" / "img" / f"{i}.png" for i in rows]
+    targets = np.asarray([i % 2 == 0 for i in rows], int)
+    return {name: {"test_auc": test_auc(p, paths, targets, "lesion"),
+                   **measure(p, items, "lesion")}
+            for name, p in ((name, load_predictor(m)) for name, m in models.items())}
 
 
 def wounds(root: Path, n: int, epochs: int, tiny: Path) -> dict:
@@ -102,7 +121,12 @@ def wounds(root: Path, n: int, epochs: int, tiny: Path) -> dict:
     models = {"probe, random SigLIP": train_probe(spec, tiny, root / "w-probe",
                                                   eval={"safe_outputs": False}),
               "siglip classifier, fine-tuned": classifier(spec, tiny, root / "w-clf", epochs)}
-    return {name: measure(load_predictor(m), items, "erythema") for name, m in models.items()}
+    y = col.labels["erythema"].targets
+    test = np.nonzero((np.asarray(col.split) == "test") & (y >= 0))[0]
+    paths = [Path(col.image_paths[i]) for i in test]
+    return {name: {"test_auc": test_auc(p, paths, y[test], "erythema"),
+                   **measure(p, items, "erythema")}
+            for name, p in ((name, load_predictor(m)) for name, m in models.items())}
 
 
 def main() -> None:
@@ -123,12 +147,13 @@ def main() -> None:
     seconds = time.perf_counter() - start
     print(f"tiny random checkpoints (64 px, patch 8, 2 layers); classifiers fine-tuned "
           f"{args.epochs} epochs; {seconds:.0f} s in all (shared, busy 2-core CPU)")
-    print(f"{'data':<34}{'model':<30}{'method':<11}{'inside':>8}{'random':>8}{'x':>6}"
-          f"{'ms/map':>8}{'n':>5}   goal >= {GOAL:.2f}")
+    print(f"{'data':<34}{'model':<30}{'test AUC':>9} {'method':<11}{'inside':>8}"
+          f"{'random':>8}{'x':>6}{'ms/map':>8}{'n':>5}   goal >= {GOAL:.2f}")
     for data, models in results.items():
         for model, methods in models.items():
-            for method, r in methods.items():
-                print(f"{data:<34}{model:<30}{method:<11}{r['inside']:>8.3f}"
+            auc = methods["test_auc"]
+            for method, r in ((k, v) for k, v in methods.items() if k != "test_auc"):
+                print(f"{data:<34}{model:<30}{auc:>9.3f} {method:<11}{r['inside']:>8.3f}"
                       f"{r['random']:>8.3f}{r['inside'] / r['random']:>6.1f}{r['ms']:>8.1f}"
                       f"{r['n']:>5}   {'ok' if r['inside'] >= GOAL else 'below goal'}")
     out = Path(__file__).parent / "results" / "saliency.json"

@@ -46,8 +46,8 @@ def lesion_models(tmp_path_factory):
             "objective": "classify", "device": "cpu", "precision": "fp32",
             "optim": optim if steps is None else {**optim, "max_steps": steps},
             "eval": {"safe_outputs": False}}))
-    test = [(root / "data" / "img" / f"{i}.png", masks[i]) for i in range(4, 200, 10)]
-    return models, test  # test rows (i % 5 == 4) with a lesion (even i)
+    test = [(root / "data" / "img" / f"{i}.png", masks[i]) for i in range(4, 124, 10)]
+    return models, test  # 12 test rows (i % 5 == 4) with a lesion (even i)
 
 
 def test_occlusion_map_mass_falls_inside_the_lesion_after_training(lesion_models) -> None:
@@ -58,34 +58,6 @@ def test_occlusion_map_mass_falls_inside_the_lesion_after_training(lesion_models
     print(f"occlusion mass inside the lesion {inside:.3f} vs random map {base:.3f}")
     assert inside >= 0.60
     assert inside >= 5 * base
-
-
-def test_occlusion_points_at_erythema_on_generated_wounds(tmp_path) -> None:
-    """`medsig data synth wound` masks (the wound region); a probe trained on 160 generated
-    wounds: the erythema map lies mostly inside the region, far above a random map."""
-    from medsig.data.collection import load_collection
-    from medsig.data.split import split_spec
-    from medsig.data.synth import synthesize
-    from medsig.models.heads import Head
-    from medsig.models.predictor import load_predictor
-    from medsig.models.tiny import write_tiny
-    from medsig.train.probe import train_probe
-
-    spec = synthesize("wound", tmp_path / "w", n=160, seed=0, image_size=64)
-    split_spec(spec, duplicates=0)
-    tiny = write_tiny(tmp_path / "tiny", arch="siglip", image_size=64, seed=0)
-    predictor = load_predictor(train_probe(spec, tiny, tmp_path / "probe",
-                                           eval={"safe_outputs": False}))
-    col = load_collection(spec)
-    rows = np.nonzero((np.asarray(col.split) != "train")
-                      & (col.labels["erythema"].targets == 1))[0][:16]
-    items = [(col.image_paths[i],
-              np.asarray(Image.open(spec.parent / "masks" / f"{col.ids[i]}.png")) > 0)
-             for i in rows]
-    column = next(Head.of(h) for h in predictor.heads if h.name == "erythema").offset
-    inside, base = _mass(predictor, items, column)
-    print(f"erythema: occlusion mass inside the wound region {inside:.3f} vs {base:.3f}")
-    assert inside >= 0.60 and inside >= 2.5 * base
 
 
 @pytest.mark.parametrize("method", ["gradcam", "rollout"])
