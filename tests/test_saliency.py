@@ -40,6 +40,7 @@ def lesion_models(tmp_path_factory):
     models = {}
     for arch, steps in (("siglip", None), ("clip", 4)):
         tiny = write_tiny(root / f"tiny-{arch}", arch=arch, image_size=64, seed=0)
+        models[f"{arch}-zeroshot"] = load_predictor(tiny, spec=spec)
         optim = {"epochs": 8, "batch_size": 16, "lr": 3e-3}
         models[arch] = load_predictor(train({
             "spec": str(spec), "model": str(tiny), "out": str(root / arch),
@@ -70,6 +71,21 @@ def test_gradient_methods_give_maps_for_cls_pooled_models(lesion_models, method)
     pixels = models["clip"].preprocess(Image.open(test[0][0]).convert("RGB"))
     cam = saliency_map(models["clip"], pixels, 0, method)
     assert cam.shape == (64, 64) and cam.max() == pytest.approx(1.0) and cam.min() >= 0
+
+
+def test_zero_shot_models_get_occlusion_maps_only(lesion_models) -> None:
+    """Occlusion needs only forward passes, so zero-shot models are explained too; the
+    gradient methods have no differentiable path there (None: no overlay)."""
+    from medsig.models.saliency import saliency_map
+
+    models, test = lesion_models
+    zs = models["siglip-zeroshot"]
+    assert zs.objective != "classify" and zs.probe_net is None
+    pixels = zs.preprocess(Image.open(test[0][0]).convert("RGB"))
+    cam = saliency_map(zs, pixels, 0, "occlusion")
+    assert cam.shape == (64, 64) and cam.max() == pytest.approx(1.0)
+    assert saliency_map(zs, pixels, 0, "gradcam") is None
+    assert saliency_map(zs, pixels, 0, "rollout") is None
 
 
 def test_unknown_method_is_refused(lesion_models) -> None:

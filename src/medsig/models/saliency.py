@@ -14,9 +14,10 @@ that do not saturate the way probabilities do).
   ``relu(sum_c w_c A_c)``. Models that read only a CLS token (CLIP, ViT) give the last
   block's patch outputs no gradient; for them the block's *input* is used. One backward.
 - ``rollout``: gradient-weighted attention rollout (Chefer et al. 2021): per layer the
-  head-averaged ``relu(grad * attention)`` is rolled out, ``R <- R + A R``, and the patch
-  relevance is read the way the model pools: the CLS row, the mean of all rows (without the
-  identity, which adds the same amount to every token), or SigLIP's attention-pooling head.
+  head-averaged ``relu(grad * attention)`` is rolled out, ``R <- R + A R``, and read out
+  the way the model pools: the rows of ``R - I`` weighted by the norm of the score's
+  gradient on each final token (the CLS token alone for CLIP / ViT heads that read it,
+  every token for mean pooling, SigLIP's attention-pooling head in between).
 
 bench/saliency.py measures the three against a random map (share of the map's mass inside
 the finding's mask); occlusion is the one that points at the finding there. ``to_image``
@@ -239,28 +240,29 @@ def _attention_modules(layers: torch.nn.ModuleList) -> list[torch.nn.Module]:
 
 
 def rollout(predictor: Any, pixels: torch.Tensor, column: int) -> np.ndarray | None:
-    """Gradient-weighted attention rollout (Chefer et al. 2021), read as the model pools."""
+    """Gradient-weighted attention rollout (Chefer et al. 2021), read out as the model pools:
+    each final token weighted by the norm of the score's gradient on it (the CLS token alone
+    for CLIP / ViT, every token alike for mean pooling, SigLIP's attention-pooling head in
+    between), without the identity path (which gives every token its own weight back)."""
     score = score_function(predictor, column)
-    model = predictor.encoder.model
-    layers = blocks(model)
+    layers = blocks(predictor.encoder.model)
     if score is None or layers is None:
         return None
     probs: list[torch.Tensor] = []
+    kept: dict[str, torch.Tensor] = {}
     mods = _attention_modules(layers)
     with _eager_attention(mods):
         handles = [m.register_forward_hook(lambda _, __, out: probs.append(out[1]))
                    for m in mods]
-        pooled: dict[str, torch.Tensor] = {}
-        head = _pooling_head(model)
-        if head is not None:
-            handles.append(head.register_forward_pre_hook(
-                lambda _, args: pooled.__setitem__("tokens", args[0])))
+        handles.append(layers[-1].register_forward_hook(
+            lambda _, __, out: kept.__setitem__("out", out[0] if isinstance(out, tuple)
+                                                else out)))
         try:
             with torch.enable_grad():
                 s = score(pixels[None])[0]
                 if len(probs) != len(mods) or any(a is None for a in probs):
                     return None  # attention probabilities unavailable (fused kernel)
-                grads = torch.autograd.grad(s, probs)
+                *grads, g_out = torch.autograd.grad(s, [*probs, kept["out"]])
         finally:
             for handle in handles:
                 handle.remove()
@@ -268,40 +270,9 @@ def rollout(predictor: Any, pixels: torch.Tensor, column: int) -> np.ndarray | N
     rel = torch.eye(n)
     for a, g in zip(probs, grads):
         rel = rel + (g[0].float() * a[0].detach().float()).clamp(min=0).mean(dim=0) @ rel
-    return _normalised(_upsampled(_read_out(model, head, pooled, rel),
-                                  tuple(pixels.shape[-2:])))
-
-
-def _pooling_head(model: Any) -> torch.nn.Module | None:
-    """SigLIP's attention-pooling head (MAP) when the model's output goes through it."""
-    if hasattr(model, "classifier"):  # SigLIP / ViT / CLIP classifiers pool without it
-        return None
-    vision = getattr(model, "vision_model", model)
-    head = getattr(vision, "head", None)
-    return head if head is not None and hasattr(head, "probe") else None
-
-
-def _read_out(model: Any, head: Any, pooled: dict[str, torch.Tensor],
-              rel: torch.Tensor) -> torch.Tensor:
-    """Patch relevance from the rolled-out matrix, pooled as the model pools."""
-    n = rel.shape[0]
-    if _has_cls(rel):  # CLIP / ViT: the CLS token's row
-        return rel[0]
-    if head is not None and "tokens" in pooled:  # SigLIP MAP head: its attention row
-        return _map_attention(head, pooled["tokens"][0].detach()) @ rel
-    return (rel - torch.eye(n)).mean(dim=0)  # mean-pooled classifier
-
-
-def _map_attention(head: Any, tokens: torch.Tensor) -> torch.Tensor:
-    """(tokens,) head-averaged attention of the MAP head's probe over the tokens."""
-    att = head.attention
-    d, nh = att.embed_dim, att.num_heads
-    wq, wk = att.in_proj_weight[:d], att.in_proj_weight[d:2 * d]
-    bq, bk = att.in_proj_bias[:d], att.in_proj_bias[d:2 * d]
-    q = (head.probe[0, 0].float() @ wq.T.float() + bq.float()).view(nh, d // nh)
-    k = (tokens.float() @ wk.T.float() + bk.float()).view(-1, nh, d // nh)
-    logits = torch.einsum("hd,nhd->hn", q, k) / math.sqrt(d // nh)
-    return logits.softmax(dim=-1).mean(dim=0).detach()
+    weight = g_out[0].float().norm(dim=-1)
+    weight = weight / weight.sum().clamp(min=1e-12)
+    return _normalised(_upsampled(weight @ (rel - torch.eye(n)), tuple(pixels.shape[-2:])))
 
 
 def to_image(cam: np.ndarray, image_size: tuple[int, int], preprocess: Any) -> np.ndarray:
