@@ -29,24 +29,26 @@ def _mass(predictor, items, column, method="occlusion") -> tuple[float, float]:
 
 @pytest.fixture(scope="module")
 def lesion_models(tmp_path_factory):
-    """A tiny SigLIP classifier fine-tuned on 200 generated lesion images (~3 s), a CLIP one
-    trained for a few steps (CLS pooling), and the held-out test images with a lesion."""
+    """A tiny SigLIP classifier fine-tuned on 200 generated lesion images (~3 s), a probe on
+    a tiny CLIP (whose image features read only the CLS token), zero-shot models, and the
+    held-out test images with a lesion."""
     from medsig.models.predictor import load_predictor
     from medsig.models.tiny import write_tiny
     from medsig.train import train
+    from medsig.train.probe import train_probe
 
     root = tmp_path_factory.mktemp("saliency")
     spec, masks = lesion_set(root / "data", n=200)
-    models = {}
-    for arch, steps in (("siglip", None), ("clip", 4)):
-        tiny = write_tiny(root / f"tiny-{arch}", arch=arch, image_size=64, seed=0)
-        models[f"{arch}-zeroshot"] = load_predictor(tiny, spec=spec)
-        optim = {"epochs": 8, "batch_size": 16, "lr": 3e-3}
-        models[arch] = load_predictor(train({
-            "spec": str(spec), "model": str(tiny), "out": str(root / arch),
-            "objective": "classify", "device": "cpu", "precision": "fp32",
-            "optim": optim if steps is None else {**optim, "max_steps": steps},
-            "eval": {"safe_outputs": False}}))
+    tiny = {arch: write_tiny(root / f"tiny-{arch}", arch=arch, image_size=64, seed=0)
+            for arch in ("siglip", "clip")}
+    models = {"siglip": load_predictor(train({
+        "spec": str(spec), "model": str(tiny["siglip"]), "out": str(root / "siglip"),
+        "objective": "classify", "device": "cpu", "precision": "fp32",
+        "optim": {"epochs": 8, "batch_size": 16, "lr": 3e-3},
+        "eval": {"safe_outputs": False}})),
+        "clip-probe": load_predictor(train_probe(spec, tiny["clip"], root / "clip-probe",
+                                                 eval={"safe_outputs": False})),
+        "siglip-zeroshot": load_predictor(tiny["siglip"], spec=spec)}
     test = [(root / "data" / "img" / f"{i}.png", masks[i]) for i in range(4, 124, 10)]
     return models, test  # 12 test rows (i % 5 == 4) with a lesion (even i)
 
@@ -63,13 +65,15 @@ def test_occlusion_map_mass_falls_inside_the_lesion_after_training(lesion_models
 
 @pytest.mark.parametrize("method", ["gradcam", "rollout"])
 def test_gradient_methods_give_maps_for_cls_pooled_models(lesion_models, method) -> None:
-    """CLIP reads only the CLS token: the last block's patch outputs get no gradient, so
-    Grad-CAM falls back to the block's input; rollout reads the CLS row."""
+    """CLIP's image features read only the CLS token: the last block's patch outputs get
+    no gradient (an all-zero map before), so Grad-CAM falls back to the block's input;
+    rollout reads out through the CLS token."""
     from medsig.models.saliency import saliency_map
 
     models, test = lesion_models
-    pixels = models["clip"].preprocess(Image.open(test[0][0]).convert("RGB"))
-    cam = saliency_map(models["clip"], pixels, 0, method)
+    probe = models["clip-probe"]
+    pixels = probe.preprocess(Image.open(test[0][0]).convert("RGB"))
+    cam = saliency_map(probe, pixels, 0, method)
     assert cam.shape == (64, 64) and cam.max() == pytest.approx(1.0) and cam.min() >= 0
 
 
