@@ -29,7 +29,7 @@ def _mass(predictor, items, column, method="occlusion") -> tuple[float, float]:
 
 @pytest.fixture(scope="module")
 def lesion_models(tmp_path_factory):
-    """A tiny SigLIP classifier fine-tuned on 200 generated lesion images (~3 s), a probe on
+    """A tiny SigLIP classifier fine-tuned on 200 generated lesion images (5 epochs), a probe on
     a tiny CLIP (whose image features read only the CLS token), zero-shot models, and the
     held-out test images with a lesion."""
     from medsig.models.predictor import load_predictor
@@ -44,7 +44,7 @@ def lesion_models(tmp_path_factory):
     models = {"siglip": load_predictor(train({
         "spec": str(spec), "model": str(tiny["siglip"]), "out": str(root / "siglip"),
         "objective": "classify", "device": "cpu", "precision": "fp32",
-        "optim": {"epochs": 8, "batch_size": 16, "lr": 3e-3},
+        "optim": {"epochs": 5, "batch_size": 16, "lr": 3e-3},
         "eval": {"safe_outputs": False}})),
         "clip-probe": load_predictor(train_probe(spec, tiny["clip"], root / "clip-probe",
                                                  eval={"safe_outputs": False})),
@@ -55,7 +55,8 @@ def lesion_models(tmp_path_factory):
 
 def test_occlusion_map_mass_falls_inside_the_lesion_after_training(lesion_models) -> None:
     """Issue 15: >= 60 % of the map's mass inside the finding's mask on held-out images
-    (bench/saliency.py: 0.84 at 400 images; a random map: 0.07)."""
+    (0.85 here; bench/saliency.py: 0.84 at 400 images; a random map: 0.07). Grad-CAM on
+    the same model: 0.03, so this fails for a map that does not point at the finding."""
     models, test = lesion_models
     inside, base = _mass(models["siglip"], test, 0)
     print(f"occlusion mass inside the lesion {inside:.3f} vs random map {base:.3f}")

@@ -11,8 +11,9 @@ that do not saturate the way probabilities do).
   forward passes (batched), so it is slow for large encoders on a CPU.
 - ``gradcam`` (Selvaraju et al. 2017): the patch tokens leaving the last vision block as a
   (grid x grid) feature map ``A``, weights the token-averaged gradients of the score,
-  ``relu(sum_c w_c A_c)``. Models that read only a CLS token (CLIP, ViT) give the last
-  block's patch outputs no gradient; for them the block's *input* is used. One backward.
+  ``relu(sum_c w_c A_c)``. Models that read only a CLS token (CLIP's image features,
+  ViT's classifier) give the last block's patch outputs no gradient; for them the block's
+  *input* is used. One backward.
 - ``rollout``: gradient-weighted attention rollout (Chefer et al. 2021): per layer the
   head-averaged ``relu(grad * attention)`` is rolled out, ``R <- R + A R``, and read out
   the way the model pools: the rows of ``R - I`` weighted by the norm of the score's
@@ -95,15 +96,22 @@ def score_function(predictor: Any, column: int, differentiable: bool = True
     head = head_of(predictor, column)
     logits = head_logits(predictor)
     if logits is None:
-        if differentiable:
-            return None
-        def logits(px: torch.Tensor) -> torch.Tensor:
-            probs = predictor.raw_probabilities(px)
-            return torch.logit(torch.as_tensor(probs, dtype=torch.float64), eps=1e-7)
+        return None if differentiable else _probability_score(predictor, head, column)
     if head.kind == "multiclass":
         return lambda px: torch.log_softmax(logits(px)[:, head.cols], dim=1)[
             :, column - head.offset]
     return lambda px: logits(px)[:, column]
+
+
+def _probability_score(predictor: Any, head: Head, column: int
+                       ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The same score from the predictor's probabilities (no gradients needed)."""
+    def score(px: torch.Tensor) -> torch.Tensor:
+        p = torch.as_tensor(predictor.raw_probabilities(px)[:, column], dtype=torch.float64)
+        return p.clamp(min=1e-12).log() if head.kind == "multiclass" \
+            else torch.logit(p, eps=1e-7)
+
+    return score
 
 
 def target_column(head: Any, probs_row: np.ndarray) -> int:
