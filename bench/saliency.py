@@ -12,7 +12,7 @@ each method of ``medsig.models.saliency`` against a random map (goal >= 0.60), a
 time per map; beside it the model's test ROC AUC for the label (a map can only point at a
 finding the model has learned). Writes bench/results/saliency.json.
 
-    .venv/bin/python bench/saliency.py [--n 400] [--epochs 10]
+    .venv/bin/python bench/saliency.py [--n 400] [--epochs 10] [--like HUB_ID]
 """
 
 from __future__ import annotations
@@ -129,10 +129,36 @@ def wounds(root: Path, n: int, epochs: int, tiny: Path) -> dict:
             for name, p in ((name, load_predictor(m)) for name, m in models.items())}
 
 
+def like_timing(root: Path, hub_id: str) -> dict:
+    """Seconds per map of each method for a random checkpoint with ``hub_id``'s real
+    architecture (a probe on 40 generated lesion images; what the CPU costs, not quality)."""
+    from medsig.data.images import load_image
+    from medsig.models.predictor import load_predictor
+    from medsig.models.saliency import METHODS, saliency_map
+    from medsig.models.tiny import write_like
+    from medsig.train.probe import train_probe
+    from tests.test_serve_safe import lesion_set
+
+    spec, _ = lesion_set(root / "like-data", n=40)
+    model = write_like(root / "like", hub_id)
+    predictor = load_predictor(train_probe(spec, model, root / "like-probe",
+                                           eval={"safe_outputs": False}))
+    pixels = predictor.preprocess(load_image(root / "like-data" / "img" / "4.png"))
+    out = {}
+    for method in METHODS:
+        start = time.perf_counter()
+        saliency_map(predictor, pixels, 0, method)
+        out[method] = time.perf_counter() - start
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=400)
     ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--like", default=None, help="also time each method on a random "
+                    "checkpoint with this hub id's architecture (e.g. "
+                    "google/siglip-base-patch16-224)")
     args = ap.parse_args()
     from medsig.models.tiny import write_tiny
 
@@ -144,6 +170,7 @@ def main() -> None:
         results = {f"{args.n} generated lesions": lesions(root, args.n, args.epochs, tinies),
                    f"{args.n} generated wounds, erythema": wounds(root, args.n, args.epochs,
                                                                   tinies["siglip"])}
+        timing = like_timing(root, args.like) if args.like else None
     seconds = time.perf_counter() - start
     print(f"tiny random checkpoints (64 px, patch 8, 2 layers); classifiers fine-tuned "
           f"{args.epochs} epochs; {seconds:.0f} s in all (shared, busy 2-core CPU)")
@@ -156,9 +183,13 @@ def main() -> None:
                 print(f"{data:<34}{model:<30}{auc:>9.3f} {method:<11}{r['inside']:>8.3f}"
                       f"{r['random']:>8.3f}{r['inside'] / r['random']:>6.1f}{r['ms']:>8.1f}"
                       f"{r['n']:>5}   {'ok' if r['inside'] >= GOAL else 'below goal'}")
+    if timing:
+        print(f"seconds per map, random {args.like} architecture + probe, CPU: "
+              + ", ".join(f"{m} {t:.2f}" for m, t in timing.items()))
     out = Path(__file__).parent / "results" / "saliency.json"
     out.write_text(json.dumps({"args": vars(args), "seconds": round(seconds, 1),
-                               "goal": GOAL, "results": results}, indent=2) + "\n")
+                               "goal": GOAL, "results": results,
+                               "like_seconds_per_map": timing}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
