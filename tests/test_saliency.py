@@ -40,12 +40,17 @@ def lesion_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("saliency")
     spec, masks = lesion_set(root / "data", n=200)
     tiny = {arch: write_tiny(root / f"tiny-{arch}", arch=arch, image_size=64, seed=0)
-            for arch in ("siglip", "clip")}
-    models = {"siglip": load_predictor(train({
-        "spec": str(spec), "model": str(tiny["siglip"]), "out": str(root / "siglip"),
-        "objective": "classify", "device": "cpu", "precision": "fp32",
-        "optim": {"epochs": 5, "batch_size": 16, "lr": 3e-3},
-        "eval": {"safe_outputs": False}})),
+            for arch in ("siglip", "clip", "vit")}
+
+    def classifier(arch: str, **optim) -> object:
+        return load_predictor(train({
+            "spec": str(spec), "model": str(tiny[arch]), "out": str(root / arch),
+            "objective": "classify", "device": "cpu", "precision": "fp32",
+            "optim": {"batch_size": 16, "lr": 3e-3, **optim},
+            "eval": {"safe_outputs": False, "at_start": False}}))
+
+    models = {"siglip": classifier("siglip", epochs=5),
+              "vit": classifier("vit", epochs=1, max_steps=2),  # CLS-pooled; barely trained
         "clip-probe": load_predictor(train_probe(spec, tiny["clip"], root / "clip-probe",
                                                  eval={"safe_outputs": False})),
         "siglip-zeroshot": load_predictor(tiny["siglip"], spec=spec)}
@@ -65,16 +70,19 @@ def test_occlusion_map_mass_falls_inside_the_lesion_after_training(lesion_models
 
 
 @pytest.mark.parametrize("method", ["gradcam", "rollout"])
-def test_gradient_methods_give_maps_for_cls_pooled_models(lesion_models, method) -> None:
-    """CLIP's image features read only the CLS token: the last block's patch outputs get
-    no gradient (an all-zero map before), so Grad-CAM falls back to the block's input;
-    rollout reads out through the CLS token."""
+@pytest.mark.parametrize("model", ["clip-probe", "vit"])
+def test_gradient_methods_give_maps_for_cls_pooled_models(lesion_models, model,
+                                                          method) -> None:
+    """CLIP's image features and ViT's classifier read only the CLS token: the last block's
+    patch outputs get no gradient (an all-zero map before), so Grad-CAM falls back to the
+    block's input; rollout reads out through the CLS token. (ViT's layers are found where
+    transformers v5 keeps them: ``vit.layers``.)"""
     from medsig.models.saliency import saliency_map
 
     models, test = lesion_models
-    probe = models["clip-probe"]
-    pixels = probe.preprocess(Image.open(test[0][0]).convert("RGB"))
-    cam = saliency_map(probe, pixels, 0, method)
+    predictor = models[model]
+    pixels = predictor.preprocess(Image.open(test[0][0]).convert("RGB"))
+    cam = saliency_map(predictor, pixels, 0, method)
     assert cam.shape == (64, 64) and cam.max() == pytest.approx(1.0) and cam.min() >= 0
 
 

@@ -47,17 +47,13 @@ _EAGER = threading.Lock()  # rollout switches the model to eager attention for a
 
 
 def blocks(model: Any) -> torch.nn.ModuleList | None:
-    """The transformer layers of a (vision) model, or None."""
-    for path in ("vision_model.encoder.layers", "encoder.layers", "vit.encoder.layer",
-                 "encoder.layer", "base_model.vision_model.encoder.layers"):
-        mod: Any = model
-        for part in path.split("."):
-            mod = getattr(mod, part, None)
-            if mod is None:
-                break
-        if isinstance(mod, torch.nn.ModuleList) and len(mod):
-            return mod
-    return None
+    """The transformer layers of the vision tower (a ModuleList of ``*Layer`` / ``*Block``
+    modules, the one under ``vision`` where a model has a text tower too), or None."""
+    found = [(name, mod) for name, mod in model.named_modules()
+             if isinstance(mod, torch.nn.ModuleList) and len(mod)
+             and type(mod[0]).__name__.endswith(("Layer", "Block"))]
+    vision = [mod for name, mod in found if "vision" in name]
+    return (vision or [mod for _, mod in found] or [None])[0]
 
 
 def last_block(model: Any) -> torch.nn.Module | None:
@@ -190,13 +186,14 @@ def grad_cam(predictor: Any, pixels: torch.Tensor, column: int) -> np.ndarray | 
         return None
     kept: dict[str, torch.Tensor] = {}
 
-    def keep_in(_: Any, args: Any) -> None:
-        kept["in"] = args[0]
+    def keep_in(_: Any, args: Any, kwargs: dict[str, Any]) -> None:
+        kept["in"] = args[0] if args else kwargs["hidden_states"]
 
     def keep_out(_: Any, __: Any, out: Any) -> None:
         kept["out"] = out[0] if isinstance(out, tuple) else out
 
-    handles = [block.register_forward_pre_hook(keep_in), block.register_forward_hook(keep_out)]
+    handles = [block.register_forward_pre_hook(keep_in, with_kwargs=True),
+               block.register_forward_hook(keep_out)]
     try:
         with torch.enable_grad():
             s = score(pixels[None])[0]
