@@ -29,9 +29,9 @@ def _mass(predictor, items, column, method="occlusion") -> tuple[float, float]:
 
 @pytest.fixture(scope="module")
 def lesion_models(tmp_path_factory):
-    """A tiny SigLIP classifier fine-tuned on 200 generated lesion images (5 epochs), a probe on
-    a tiny CLIP (whose image features read only the CLS token), zero-shot models, and the
-    held-out test images with a lesion."""
+    """A tiny SigLIP classifier fine-tuned on 200 generated lesion images (5 epochs), a tiny
+    ViT classifier and a probe on a tiny CLIP (both read only the CLS token), a zero-shot
+    SigLIP, and the held-out test images with a lesion."""
     from medsig.models.predictor import load_predictor
     from medsig.models.tiny import write_tiny
     from medsig.train import train
@@ -49,11 +49,12 @@ def lesion_models(tmp_path_factory):
             "optim": {"batch_size": 16, "lr": 3e-3, **optim},
             "eval": {"safe_outputs": False, "at_start": False}}))
 
+    clip_probe = train_probe(spec, tiny["clip"], root / "clip-probe",
+                             eval={"safe_outputs": False})
     models = {"siglip": classifier("siglip", epochs=5),
               "vit": classifier("vit", epochs=1, max_steps=2),  # CLS-pooled; barely trained
-        "clip-probe": load_predictor(train_probe(spec, tiny["clip"], root / "clip-probe",
-                                                 eval={"safe_outputs": False})),
-        "siglip-zeroshot": load_predictor(tiny["siglip"], spec=spec)}
+              "clip-probe": load_predictor(clip_probe),
+              "siglip-zeroshot": load_predictor(tiny["siglip"], spec=spec)}
     test = [(root / "data" / "img" / f"{i}.png", masks[i]) for i in range(4, 124, 10)]
     return models, test  # 12 test rows (i % 5 == 4) with a lesion (even i)
 
