@@ -159,3 +159,38 @@ def test_predict_explain_method_query(tmp_path_factory) -> None:
     for lab in body["labels"]:
         png = Image.open(BytesIO(base64.b64decode(lab["saliency_png"])))
         assert png.format == "PNG"
+
+
+def test_mcp_assess_image_takes_the_method(tmp_path_factory) -> None:
+    """The MCP tool offers the same choice (an enum in its input schema)."""
+    import asyncio
+    import base64
+
+    pytest.importorskip("mcp")
+    from mcp import Client
+
+    from medsig.serve import ServeSettings, create_app
+    from medsig.serve.mcp import build_server
+    from tests.test_serve import serve_env
+
+    env = serve_env(tmp_path_factory)
+    server = build_server(create_app(env.predictor, settings=ServeSettings(api_key=None))
+                          .state.medsig)
+    image = base64.b64encode(env.images[0].read_bytes()).decode()
+
+    async def main() -> tuple:
+        async with Client(server) as client:
+            tools = {t.name: t for t in (await client.list_tools()).tools}
+            got = await client.call_tool("assess_image", {
+                "image_base64": image, "explain": True, "explain_method": "gradcam"})
+            bad = await client.call_tool("assess_image", {
+                "image_base64": image, "explain": True, "explain_method": "lime"})
+            return tools, got, bad
+
+    tools, got, bad = asyncio.run(main())
+    prop = tools["assess_image"].input_schema["properties"]["explain_method"]
+    assert prop["enum"] == ["occlusion", "gradcam", "rollout"]
+    assert not got.is_error and bad.is_error
+    body = got.structured_content
+    assert body["status"] == "not_assessed" or all(lab["saliency_png"]
+                                                   for lab in body["labels"])
