@@ -59,6 +59,7 @@ class Predictor:
         self.name, self.version, self.artifact = name, version, artifact
         self.encoder, self.heads, self._forward = encoder, list(heads), forward
         self._from_embeddings = from_embeddings
+        self.probe_net: nn.Module | None = None  # probe: embeddings -> logits (saliency)
         self.preprocess = encoder.preprocess
         self.image_size = encoder.image_size
         self.objective = artifact.objective
@@ -205,7 +206,9 @@ def _probe(folder: Path, encoder: Encoder, artifact: Artifact, name: str, versio
     def forward(pixels: torch.Tensor) -> torch.Tensor:
         return from_embeddings(encoder.embed_images(pixels))
 
-    return Predictor(name, version, artifact, encoder, heads, forward, from_embeddings)
+    predictor = Predictor(name, version, artifact, encoder, heads, forward, from_embeddings)
+    predictor.probe_net = net
+    return predictor
 
 
 def _zeroshot(model: str, encoder: Encoder, artifact: Artifact, name: str, version: str,

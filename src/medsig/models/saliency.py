@@ -1,18 +1,39 @@
-"""Where a head's score came from: Grad-CAM on the last block of the vision transformer.
+"""Where a head's score came from: a saliency map per label, three methods.
 
-The patch tokens leaving the last encoder layer form a (grid x grid) feature map ``A``; the
-weights are the spatially averaged gradients of the head's score ``s`` with respect to it,
-and the map is ``relu(sum_c w_c A_c)`` (Selvaraju et al. 2017), upsampled to the image.
-The score is the decided output's probability: binary P(positive state), multiclass the
-argmax class, multilabel the highest class. Works for classify and probe models (and any
-``score_fn`` of pixels); zero-shot heads have no differentiable path here (returns None).
+Every method explains one output ``column`` through its *score*: the raw logit for binary
+and multilabel outputs, the log-probability of the class for multiclass heads (scores
+that do not saturate the way probabilities do).
+
+- ``auto`` (the default, ``resolve_method``): occlusion on a GPU or for a small vision tower
+  on a CPU, rollout for a large tower on a CPU (occlusion would take minutes there).
+- ``occlusion`` (Zeiler & Fergus 2014): slide a window (1/8 of the side,
+  stride 1/16: 225 positions) over the model input, fill it with the image's mean colour,
+  and credit every pixel with the mean drop of the score over the windows covering it.
+  Model-agnostic (classify, probe and zero-shot models alike), no gradients; it costs 225
+  forward passes (batched), so it is slow for large encoders on a CPU.
+- ``gradcam`` (Selvaraju et al. 2017): the patch tokens leaving the last vision block as a
+  (grid x grid) feature map ``A``, weights the token-averaged gradients of the score,
+  ``relu(sum_c w_c A_c)``. Models that read only a CLS token (CLIP's image features,
+  ViT's classifier) give the last block's patch outputs no gradient; for them the block's
+  *input* is used. One backward.
+- ``rollout``: gradient-weighted attention rollout (Chefer et al. 2021): per layer the
+  head-averaged ``relu(grad * attention)`` is rolled out, ``R <- R + A R``, and read out
+  the way the model pools: the rows of ``R - I`` weighted by the norm of the score's
+  gradient on each final token (the CLS token alone for CLIP / ViT heads that read it,
+  every token for mean pooling, SigLIP's attention-pooling head in between).
+
+bench/saliency.py measures the three against a random map (share of the map's mass inside
+the finding's mask); occlusion is the one that points at the finding there. ``to_image``
+maps a map on the model input back onto the original image (pad / resize / centre crop).
 """
 
 from __future__ import annotations
 
 import base64
 import math
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from io import BytesIO
 from typing import Any
 
@@ -21,74 +42,298 @@ import torch
 import torch.nn.functional as F
 
 from medsig.data.patches import Patches, model_inputs
-from medsig.models.heads import Head
+from medsig.models.heads import Head, heads_of
+
+METHODS = ("auto", "occlusion", "gradcam", "rollout")
+DEFAULT_METHOD = "auto"
+# "auto" takes occlusion (225 forward passes) on an accelerator or for a vision tower up to
+# this many parameters on a CPU (tiny models: < 0.4 s a map); a larger tower on a CPU gets
+# rollout (one backward: ~1 s for SigLIP-base-224, where occlusion took 76-112 s)
+OCCLUSION_CPU_MAX_PARAMS = 30_000_000
+_EAGER = threading.Lock()  # rollout switches the model to eager attention for a moment
+
+
+def blocks(model: Any) -> torch.nn.ModuleList | None:
+    """The transformer layers of the vision tower (a ModuleList of ``*Layer`` / ``*Block``
+    modules, the one under ``vision`` where a model has a text tower too), or None."""
+    found = [(name, mod) for name, mod in model.named_modules()
+             if isinstance(mod, torch.nn.ModuleList) and len(mod)
+             and type(mod[0]).__name__.endswith(("Layer", "Block"))]
+    vision = [mod for name, mod in found if "vision" in name]
+    return (vision or [mod for _, mod in found] or [None])[0]
 
 
 def last_block(model: Any) -> torch.nn.Module | None:
     """The last transformer layer of a (vision) model, or None."""
-    for path in ("vision_model.encoder.layers", "encoder.layers", "vit.encoder.layer",
-                 "encoder.layer", "base_model.vision_model.encoder.layers"):
-        mod: Any = model
-        for part in path.split("."):
-            mod = getattr(mod, part, None)
-            if mod is None:
-                break
-        if isinstance(mod, torch.nn.ModuleList) and len(mod):
-            return mod[-1]
-    return None
+    layers = blocks(model)
+    return None if layers is None else layers[-1]
 
 
-def score_function(predictor: Any) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """pixels -> (n, K) raw head probabilities, differentiable; None for zero-shot."""
+def head_logits(predictor: Any) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """pixels -> (n, K) raw head outputs (before sigmoid / softmax), differentiable; None
+    where there is no differentiable path (zero-shot)."""
     enc = predictor.encoder
     objective = getattr(predictor, "objective", "")
-    heads = predictor.heads
     if objective == "classify":
-        from medsig.models.heads import head_probabilities
-
-        return lambda px: head_probabilities(
-            enc.model(**model_inputs(px.to(enc.device, enc.dtype))).logits, heads)
-    if objective == "probe" and predictor._from_embeddings is not None:
-        return lambda px: predictor._from_embeddings(F.normalize(
-            enc.image_features(px).float(), dim=-1))
+        return lambda px: enc.model(**model_inputs(px.to(enc.device, enc.dtype))).logits.float()
+    net = getattr(predictor, "probe_net", None)
+    if objective == "probe" and net is not None:
+        return lambda px: net(F.normalize(enc.image_features(px.to(enc.device, enc.dtype))
+                                          .float(), dim=-1))
     return None
+
+
+def head_of(predictor: Any, column: int) -> Head:
+    """The head that owns output ``column``."""
+    for h in heads_of(predictor.heads):
+        if h.offset <= column < h.offset + h.size:
+            return h
+    raise ValueError(f"output column {column} belongs to no head")
+
+
+def score_function(predictor: Any, column: int, differentiable: bool = True
+                   ) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """pixels -> (n,) score of output ``column``: the logit (binary / multilabel) or the
+    class log-probability (multiclass). Without ``differentiable``, any predictor works
+    (zero-shot scores come from its probabilities)."""
+    head = head_of(predictor, column)
+    logits = head_logits(predictor)
+    if logits is None:
+        return None if differentiable else _probability_score(predictor, head, column)
+    if head.kind == "multiclass":
+        return lambda px: torch.log_softmax(logits(px)[:, head.cols], dim=1)[
+            :, column - head.offset]
+    return lambda px: logits(px)[:, column]
+
+
+def _probability_score(predictor: Any, head: Head, column: int
+                       ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The same score from the predictor's probabilities (no gradients needed)."""
+    def score(px: torch.Tensor) -> torch.Tensor:
+        p = torch.as_tensor(predictor.raw_probabilities(px)[:, column], dtype=torch.float64)
+        return p.clamp(min=1e-12).log() if head.kind == "multiclass" \
+            else torch.logit(p, eps=1e-7)
+
+    return score
 
 
 def target_column(head: Any, probs_row: np.ndarray) -> int:
+    """The decided output of a head: binary its positive state, else the most probable."""
     h = Head.of(head)
     if h.kind == "binary":
         return h.offset
     return h.offset + int(np.argmax(np.asarray(probs_row)[h.cols]))
 
 
+def _normalised(cam: torch.Tensor) -> np.ndarray:
+    cam = cam.detach().float().cpu()
+    top = float(cam.max())
+    return (cam / top if top > 0 else cam).numpy()
+
+
+def _upsampled(tokens: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(tokens,) patch values (a CLS token first is dropped) -> (H, W), bilinear with
+    pixel centres aligned (patch i covers pixels [i p, (i + 1) p))."""
+    side = int(math.isqrt(tokens.shape[0]))
+    grid = tokens[tokens.shape[0] - side * side:].reshape(1, 1, side, side).float()
+    return F.interpolate(grid, size=size, mode="bilinear", align_corners=False)[0, 0]
+
+
+def saliency_map(predictor: Any, pixels: torch.Tensor, column: int,
+                 method: str = DEFAULT_METHOD) -> np.ndarray | None:
+    """(H, W) map in [0, 1] on the model input ``pixels`` (3, H, W) for output ``column``;
+    None when ``method`` cannot explain this model (gradients of a zero-shot model) or the
+    input (NaFlex patches: not yet)."""
+    if isinstance(pixels, Patches):
+        return None
+    method = resolve_method(predictor, method)
+    if method == "occlusion":
+        return occlusion(predictor, pixels, column)
+    if method == "gradcam":
+        return grad_cam(predictor, pixels, column)
+    if method == "rollout":
+        return rollout(predictor, pixels, column)
+    raise ValueError(f"saliency method must be one of {METHODS}, not {method!r}")
+
+
+def resolve_method(predictor: Any, method: str = DEFAULT_METHOD) -> str:
+    """The method ``auto`` stands for with this predictor (others are returned as given)."""
+    if method != "auto":
+        return method
+    enc = predictor.encoder
+    if torch.device(enc.device).type != "cpu":
+        return "occlusion"
+    model = enc.model
+    tower = getattr(model, "vision_model", None) or model
+    size = sum(p.numel() for p in tower.parameters())
+    return "occlusion" if size <= OCCLUSION_CPU_MAX_PARAMS else "rollout"
+
+
+@torch.no_grad()
+def occlusion(predictor: Any, pixels: torch.Tensor, column: int, window: int | None = None,
+              stride: int | None = None, batch_size: int = 32) -> np.ndarray | None:
+    """Mean drop of the score when a window (default 1/8 of the side, stride half of it)
+    is filled with the image's mean colour, per pixel."""
+    score = score_function(predictor, column, differentiable=False)
+    if score is None:
+        return None
+    h, w = pixels.shape[-2:]
+    window = window or max(1, min(h, w) // 8)
+    stride = stride or max(1, window // 2)
+    boxes = [(y, x) for y in _starts(h, window, stride) for x in _starts(w, window, stride)]
+    fill = pixels.mean(dim=(1, 2), keepdim=True)
+    base = float(score(pixels[None])[0])
+    drops = []
+    for i in range(0, len(boxes), batch_size):
+        batch = pixels[None].repeat(len(boxes[i:i + batch_size]), 1, 1, 1)
+        for b, (y, x) in enumerate(boxes[i:i + batch_size]):
+            batch[b, :, y:y + window, x:x + window] = fill
+        drops.append((base - score(batch).double().cpu()).clamp(min=0))
+    total, count = torch.zeros(h, w, dtype=torch.float64), torch.zeros(h, w)
+    for d, (y, x) in zip(torch.cat(drops), boxes):
+        total[y:y + window, x:x + window] += d
+        count[y:y + window, x:x + window] += 1
+    return _normalised(total / count.clamp(min=1))
+
+
+def _starts(length: int, window: int, stride: int) -> list[int]:
+    """Window starts that cover [0, length) (the last one flush with the end)."""
+    starts = list(range(0, max(1, length - window + 1), stride))
+    return starts if starts[-1] + window >= length else [*starts, length - window]
+
+
 def grad_cam(predictor: Any, pixels: torch.Tensor, column: int) -> np.ndarray | None:
-    """(H, W) map in [0, 1] for one image ``pixels`` (3, H, W) and output ``column``."""
-    fn = score_function(predictor)
+    """Grad-CAM of output ``column`` on the last vision block (its input for CLS models)."""
+    score = score_function(predictor, column)
     block = last_block(predictor.encoder.model)
-    if fn is None or block is None or isinstance(pixels, Patches):  # NaFlex: not yet
+    if score is None or block is None:
         return None
     kept: dict[str, torch.Tensor] = {}
 
-    def hook(_: Any, __: Any, out: Any) -> None:
-        kept["a"] = out[0] if isinstance(out, tuple) else out
+    def keep_in(_: Any, args: Any, kwargs: dict[str, Any]) -> None:
+        kept["in"] = args[0] if args else kwargs["hidden_states"]
 
-    handle = block.register_forward_hook(hook)
+    def keep_out(_: Any, __: Any, out: Any) -> None:
+        kept["out"] = out[0] if isinstance(out, tuple) else out
+
+    handles = [block.register_forward_pre_hook(keep_in, with_kwargs=True),
+               block.register_forward_hook(keep_out)]
     try:
         with torch.enable_grad():
-            score = fn(pixels[None])[0, column]
-            (grad,) = torch.autograd.grad(score, kept["a"])
+            s = score(pixels[None])[0]
+            g_in, g_out = torch.autograd.grad(s, [kept["in"], kept["out"]], allow_unused=True)
     finally:
-        handle.remove()
-    act, grad = kept["a"][0].float(), grad[0].float()  # (tokens, dim)
-    side = int(math.isqrt(act.shape[0]))
-    extra = act.shape[0] - side * side  # a CLS token first (CLIP / ViT)
-    act, grad = act[extra:], grad[extra:]
-    cam = F.relu((act * grad.mean(dim=0)).sum(dim=1)).reshape(1, 1, side, side)
-    cam = cam.detach()
-    cam = F.interpolate(cam, size=tuple(pixels.shape[-2:]), mode="bilinear",
-                        align_corners=False)[0, 0]
-    top = float(cam.max())
-    return (cam / top).detach().cpu().numpy() if top > 0 else cam.detach().cpu().numpy()
+        for handle in handles:
+            handle.remove()
+    act, grad = kept["out"][0], g_out
+    if grad is None or not bool(grad[0, 1:].any()):  # a CLS-pooled model: patch outputs unused
+        act, grad = kept["in"][0], g_in
+    if grad is None:
+        return None
+    act, grad = act.detach().float(), grad[0].float()
+    cam = F.relu((act * grad[1:].mean(dim=0) if _has_cls(act) else act * grad.mean(dim=0))
+                 .sum(dim=1))
+    return _normalised(_upsampled(cam, tuple(pixels.shape[-2:])))
+
+
+def _has_cls(tokens: torch.Tensor) -> bool:
+    return tokens.shape[0] != math.isqrt(tokens.shape[0]) ** 2
+
+
+@contextmanager
+def _eager_attention(modules: list[torch.nn.Module]) -> Iterator[None]:
+    """The attention layers in eager mode (which returns the attention probabilities); the
+    vision config is switched, not the whole model (no text-tower side effects)."""
+    configs = list({id(m.config): m.config for m in modules
+                    if getattr(m, "config", None) is not None}.values())
+    with _EAGER:
+        before = [c._attn_implementation for c in configs]
+        try:
+            for c in configs:
+                c._attn_implementation = "eager"
+            yield
+        finally:
+            for c, b in zip(configs, before):
+                c._attn_implementation = b
+
+
+def _attention_modules(layers: torch.nn.ModuleList) -> list[torch.nn.Module]:
+    """Per layer, the first submodule named like ``*Attention`` (returns output, probs)."""
+    found = []
+    for layer in layers:
+        for name, sub in layer.named_modules():
+            if name and type(sub).__name__.endswith("Attention"):
+                found.append(sub)
+                break
+    return found
+
+
+def rollout(predictor: Any, pixels: torch.Tensor, column: int) -> np.ndarray | None:
+    """Gradient-weighted attention rollout (Chefer et al. 2021), read out as the model pools:
+    each final token weighted by the norm of the score's gradient on it (the CLS token alone
+    for CLIP / ViT, every token alike for mean pooling, SigLIP's attention-pooling head in
+    between), without the identity path (which gives every token its own weight back)."""
+    score = score_function(predictor, column)
+    layers = blocks(predictor.encoder.model)
+    if score is None or layers is None:
+        return None
+    probs: list[torch.Tensor] = []
+    kept: dict[str, torch.Tensor] = {}
+    mods = _attention_modules(layers)
+    with _eager_attention(mods):
+        handles = [m.register_forward_hook(lambda _, __, out: probs.append(out[1]))
+                   for m in mods]
+        handles.append(layers[-1].register_forward_hook(
+            lambda _, __, out: kept.__setitem__("out", out[0] if isinstance(out, tuple)
+                                                else out)))
+        try:
+            with torch.enable_grad():
+                s = score(pixels[None])[0]
+                if len(probs) != len(mods) or any(a is None for a in probs):
+                    return None  # attention probabilities unavailable (fused kernel)
+                *grads, g_out = torch.autograd.grad(s, [*probs, kept["out"]])
+        finally:
+            for handle in handles:
+                handle.remove()
+    n = probs[0].shape[-1]
+    rel = torch.eye(n)
+    for a, g in zip(probs, grads):
+        rel = rel + (g[0].float() * a[0].detach().float()).clamp(min=0).mean(dim=0) @ rel
+    weight = g_out[0].float().norm(dim=-1)
+    weight = weight / weight.sum().clamp(min=1e-12)
+    return _normalised(_upsampled(weight @ (rel - torch.eye(n)), tuple(pixels.shape[-2:])))
+
+
+def to_image(cam: np.ndarray, image_size: tuple[int, int], preprocess: Any) -> np.ndarray:
+    """A (S, S) map on the model input -> (height, width) on the original image, undoing
+    the preprocessing's geometry: pad-to-square, squash-resize or shortest-edge + centre
+    crop (outside the crop: 0, the model did not see it)."""
+    w, h = image_size
+    s = cam.shape[0]
+    t = torch.as_tensor(np.asarray(cam, np.float32))[None, None]
+    mode = getattr(preprocess, "mode", "resize")
+    edge = getattr(preprocess, "shortest_edge", None)
+    if mode == "pad":
+        side = max(w, h)
+        shrink = side * side > 2.0 * w * h  # elongated: shrunk first (transforms.pad_resize)
+        inner = (max(1, round(w * s / side)), max(1, round(h * s / side))) if shrink else None
+        full = s if shrink else side
+        big = t if shrink else F.interpolate(t, size=(side, side), mode="bilinear",
+                                             align_corners=False)
+        iw, ih = inner or (w, h)
+        x0, y0 = (full - iw) // 2, (full - ih) // 2
+        crop = big[..., y0:y0 + ih, x0:x0 + iw]
+        return F.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False)[0, 0] \
+            .numpy()
+    if mode in ("reference", "processor") and edge:
+        from medsig.data.transforms import shortest_edge_size
+
+        rw, rh = shortest_edge_size((w, h), edge)
+        canvas = torch.zeros(1, 1, rh, rw)
+        x0, y0 = max(0, (rw - s) // 2), max(0, (rh - s) // 2)
+        canvas[..., y0:y0 + min(s, rh), x0:x0 + min(s, rw)] = t[..., :min(s, rh), :min(s, rw)]
+        t = canvas
+    return F.interpolate(t, size=(h, w), mode="bilinear", align_corners=False)[0, 0].numpy()
 
 
 def overlay_png(pixels: torch.Tensor, cam: np.ndarray, preprocess: Any) -> str:

@@ -26,6 +26,8 @@ from medsig.data.images import RootedPath, inside_root
 from medsig.errors import ConfigError, ImageError, MedsigError
 from medsig.index.store import point_id
 from medsig.models.ood import is_blank
+from medsig.models.saliency import DEFAULT_METHOD as DEFAULT_SALIENCY
+from medsig.models.saliency import METHODS as SALIENCY_METHODS
 from medsig.serve import safe
 from medsig.serve import schemas as S
 from medsig.serve.batching import QueueFull
@@ -184,7 +186,8 @@ def _embedder(state: ServeState):
     return state.embedder
 
 
-async def assess(state: ServeState, data: bytes, explain: bool = False) -> S.PredictResponse:
+async def assess(state: ServeState, data: bytes, explain: bool = False,
+                 explain_method: str | None = None) -> S.PredictResponse:
     """The /v1/predict answer for one image (also the MCP tool's): calibrated findings,
     conformal states, and none at all when the OOD gate refuses the image."""
     start = time.perf_counter()
@@ -204,7 +207,8 @@ async def assess(state: ServeState, data: bytes, explain: bool = False) -> S.Pre
         if explain:
             results = await asyncio.get_running_loop().run_in_executor(
                 state.executor,
-                partial(safe.explain, predictor, state.heads, pixels, results, probs))
+                partial(safe.explain, predictor, state.heads, pixels, results, probs,
+                        explain_method))
     return S.PredictResponse(model=state.model, status=status, ood=ood, labels=results,
                              summary=summary, image=S.ImageInfo(format=fmt, bytes=len(data)),
                              timing=_timing(start, decode_ms, info))
@@ -273,7 +277,13 @@ def _add_service_routes(app: FastAPI, state: ServeState, auth: list) -> None:
 _PREDICT_OPENAPI = {**_body(["file"], {"file": _IMAGE_PART}), "parameters": [
     {"name": "explain", "in": "query", "required": False,
      "schema": {"type": "boolean", "default": False},
-     "description": "Add a saliency overlay (base64 PNG) per label."}]}
+     "description": "Add a saliency overlay (base64 PNG) per label."},
+    {"name": "explain_method", "in": "query", "required": False,
+     "schema": {"type": "string", "enum": list(SALIENCY_METHODS),
+                "default": DEFAULT_SALIENCY},
+     "description": "How the overlay is computed: auto (default: occlusion on a GPU or for "
+                    "a small vision tower, rollout for a large one on a CPU), occlusion "
+                    "(225 forward passes), gradcam or rollout (one backward pass)."}]}
 
 
 def _add_model_routes(app: FastAPI, state: ServeState, auth: list) -> None:
@@ -284,7 +294,11 @@ def _add_model_routes(app: FastAPI, state: ServeState, auth: list) -> None:
         out-of-distribution gate and a summary."""
         upload = await read_upload(request, state.settings.max_upload_bytes)
         explain = request.query_params.get("explain", "false").lower() in ("1", "true", "yes")
-        return await assess(state, _require_file(upload), explain)
+        method = request.query_params.get("explain_method") or None
+        if method is not None and method not in SALIENCY_METHODS:
+            raise ApiError(422, "invalid_field", "'explain_method' must be one of "
+                           f"{', '.join(SALIENCY_METHODS)}")
+        return await assess(state, _require_file(upload), explain, method)
 
 
 def _search_openapi(max_k: int) -> dict[str, Any]:

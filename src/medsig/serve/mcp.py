@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Any
+from typing import Any, Literal
 
 from medsig.serve import schemas as S
 from medsig.serve.security import ApiError
@@ -69,9 +69,11 @@ def build_server(state: Any) -> Any:
                              "per-label findings with calibrated probabilities, conformal "
                              "state (uncertain = needs review), the out-of-distribution "
                              "verdict and a plain-text summary. Same schema as /v1/predict.")
-    async def assess_image(image_base64: str, explain: bool = False) -> S.PredictResponse:
+    async def assess_image(image_base64: str, explain: bool = False,
+                           explain_method: Literal["auto", "occlusion", "gradcam", "rollout"]
+                           = "auto") -> S.PredictResponse:
         try:
-            return await assess(state, _image(image_base64, limit), explain)
+            return await assess(state, _image(image_base64, limit), explain, explain_method)
         except Exception as exc:
             raise _fail(exc) from None
 

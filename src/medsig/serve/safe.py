@@ -153,13 +153,22 @@ def ood_info(predictor: Any) -> OodInfo | None:
 
 
 def explain(predictor: Any, heads: Sequence[Any], pixels: Any, results: list[LabelResult],
-            probs: np.ndarray) -> list[LabelResult]:
-    """Each label with a Grad-CAM overlay of its score (runs in the model thread)."""
-    from medsig.models.saliency import grad_cam, overlay_png, target_column
+            probs: np.ndarray, method: str | None = None) -> list[LabelResult]:
+    """Each label with a saliency overlay of its score (``medsig.models.saliency``; runs in
+    the model thread)."""
+    from medsig.models.saliency import (
+        DEFAULT_METHOD,
+        overlay_png,
+        resolve_method,
+        saliency_map,
+        target_column,
+    )
 
+    method = resolve_method(predictor, method or DEFAULT_METHOD)
     out = []
     for h, r in zip(heads, results):
-        cam = grad_cam(predictor, pixels, target_column(h, probs))
-        out.append(r if cam is None else r.model_copy(
-            update={"saliency_png": overlay_png(pixels, cam, predictor.preprocess)}))
+        cam = saliency_map(predictor, pixels, target_column(h, probs), method)
+        out.append(r if cam is None else r.model_copy(update={
+            "saliency_png": overlay_png(pixels, cam, predictor.preprocess),
+            "saliency_method": method}))
     return out

@@ -63,7 +63,11 @@ class LabelResult(_Model):
     alpha: float | None = Field(None, description="Conformal error rate of this label.")
     saliency_png: str | None = Field(
         None, description="With `explain=true`: base64 PNG of the image with a heat map "
-                          "(Grad-CAM) of where this label's score came from.")
+                          "of where this label's score came from (`explain_method`).")
+    saliency_method: str | None = Field(
+        None, description="The method that drew `saliency_png`: occlusion, gradcam or "
+                          "rollout (`auto`, the default, takes occlusion on a GPU or for a "
+                          "small vision tower, rollout for a large one on a CPU).")
 
 
 class Timing(_Model):
