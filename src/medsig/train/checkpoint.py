@@ -23,6 +23,7 @@ from torch import nn
 
 from medsig.errors import ConfigError
 from medsig.train.adapt import load_trainable_state, trainable_state
+from medsig.train.distributed import load_optimizer_state, optimizer_state
 
 STATE = "state.json"
 WEIGHTS = "trainable.safetensors"
@@ -110,11 +111,14 @@ def _tmp_dir(path: Path) -> Path:
     return tmp
 
 
-def save_weights(path: Path, model: nn.Module, info: dict[str, Any] | None = None) -> None:
-    """Only the trainable parameters (a frozen base is reloaded from the base model)."""
+def save_weights(path: Path, model: nn.Module, info: dict[str, Any] | None = None,
+                 weights: dict[str, torch.Tensor] | None = None) -> None:
+    """Only the trainable parameters (a frozen base is reloaded from the base model);
+    ``weights``: those parameters already gathered (`trainable_state`, under FSDP)."""
     path = Path(path)
     tmp = _tmp_dir(path)
-    save_file({k: v.contiguous() for k, v in trainable_state(model).items()}, tmp / WEIGHTS)
+    weights = trainable_state(model) if weights is None else weights
+    save_file({k: v.contiguous() for k, v in weights.items()}, tmp / WEIGHTS)
     (tmp / STATE).write_text(json.dumps(info or {}, indent=1, default=str))
     _swap_in(tmp, path)
 
@@ -128,12 +132,16 @@ def load_weights(path: Path, model: nn.Module) -> dict[str, Any]:
 
 
 def save_checkpoint(path: Path, *, model: nn.Module, optimizer: Any, scheduler: Any,
-                    scaler: Any | None, state: dict[str, Any]) -> None:
-    """Everything needed to continue exactly where training stopped."""
+                    scaler: Any | None, state: dict[str, Any],
+                    gathered: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None
+                    ) -> None:
+    """Everything needed to continue exactly where training stopped. ``gathered``: the
+    weights and optimizer state already gathered by every process (under FSDP)."""
     path = Path(path)
     tmp = _tmp_dir(path)
-    save_file({k: v.contiguous() for k, v in trainable_state(model).items()}, tmp / WEIGHTS)
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    weights, optim = gathered or (trainable_state(model), optimizer_state(optimizer))
+    save_file({k: v.contiguous() for k, v in weights.items()}, tmp / WEIGHTS)
+    torch.save(optim, tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     if scaler is not None:
         torch.save(scaler.state_dict(), tmp / "scaler.pt")
@@ -188,7 +196,7 @@ def load_checkpoint(path: Path, *, model: nn.Module, optimizer: Any, scheduler: 
         if scaler is not None and (path / "scaler.pt").is_file() else None
     rng = load_rng(path)
     load_trainable_state(model, load_file(str(path / WEIGHTS)))
-    optimizer.load_state_dict(optim_state)
+    load_optimizer_state(optimizer, optim_state)
     scheduler.load_state_dict(sched_state)
     if scaler_state is not None:
         scaler.load_state_dict(scaler_state)

@@ -4,7 +4,8 @@ Mixed precision (bf16 where the GPU has it, fp16 with loss scaling otherwise, fp
 gradient accumulation, AdamW + cosine schedule with warm-up, clipping, checkpoints every
 epoch / N steps with exact resume, validation, best-checkpoint selection, early stopping,
 CSV + TensorBoard logs, and the output folder of the "Training outputs" contract.
-Data-parallel over several processes (DDP through accelerate): docs/scaling.md.
+Data-parallel over several processes (DDP through accelerate, or FSDP from an accelerate
+config: medsig.train.fsdp): docs/scaling.md.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from tqdm.auto import tqdm
 from medsig.errors import ConfigError, MedsigError
 from medsig.progress import progress_bar
 from medsig.train import checkpoint as ckpt
+from medsig.train.adapt import full_state_dict, trainable_state
 from medsig.train.config import TrainConfig, dump_config, load_config
 from medsig.train.data import (
     Batch,
@@ -39,14 +41,21 @@ from medsig.train.data import (
     shard,
     training_threads,
 )
-from medsig.train.distributed import broadcast, merge_counters, sum_counts, world
+from medsig.train.distributed import (
+    broadcast,
+    is_sharded,
+    merge_counters,
+    optimizer_state,
+    sum_counts,
+    world,
+)
+from medsig.train.fsdp import sync_replicated
 from medsig.train.metrics_log import StepLosses
 from medsig.train.runtime import (
     RunLog,
     check_out,
     check_same_config,
     make_accelerator,
-    make_optimizer,
     prepare,
     reset_accelerate,
 )
@@ -57,7 +66,7 @@ class Objective(Protocol):
 
     name: str
     model: nn.Module  # the adapted model (what is saved)
-    net: nn.Module  # the module trained through (prepared, so DDP-wrapped, by the loop)
+    net: nn.Module  # the module trained through (prepared: DDP-wrapped or FSDP-sharded)
     find_unused_parameters: bool  # DDP: some trainable parameter may get no gradient
     report: Any
     preprocess: Callable[[Any], Tensor]
@@ -70,7 +79,9 @@ class Objective(Protocol):
     # of every val row (gathered), equal on every process; files come from the main process
     def step(self, batches: list[Batch]) -> Tensor: ...
     def evaluate(self, val_batches: Iterable[Batch]) -> dict[str, float]: ...
-    def save(self, out_dir: Path, val_batches: Iterable[Batch]) -> dict[str, Any]: ...
+    # state_dict: the model's whole weights under FSDP (main process), else None
+    def save(self, out_dir: Path, val_batches: Iterable[Batch],
+             state_dict: dict[str, Tensor] | None = None) -> dict[str, Any]: ...
 
 
 def build_objective(cfg: TrainConfig, data: TrainData, accelerator: Any) -> Objective:
@@ -164,9 +175,13 @@ class Trainer:
         self.objective = build_objective(cfg, self.data, acc)
         self.say(f"medsig train {cfg.objective}: {self.objective.report}"
                  + (f" ({self.world} processes)" if self.world > 1 else ""))
-        optimizer = make_optimizer(self.objective.model, cfg)
         self.objective.net, self.optimizer = prepare(
-            acc, self.objective.net, optimizer, self.objective.find_unused_parameters)
+            acc, cfg, self.objective.model, self.objective.net,
+            self.objective.find_unused_parameters)
+        self.sharded = is_sharded(self.objective.net)  # FSDP: medsig.train.fsdp
+        if self.sharded and min(len(self.data.val), len(self.data.train)) < self.world:
+            raise ConfigError(f"FSDP over {self.world} processes needs at least {self.world} "
+                              "train and val rows (every process runs every forward)")
         self._schedule()
         self.state = TrainState()
         self.resumed = resume and (self.last / ckpt.STATE).is_file()
@@ -249,8 +264,12 @@ class Trainer:
             yield b
 
     def _my_rows(self, n: int) -> list[list[int]]:
-        """This process's contiguous share of rows 0..n-1, in evaluation batches."""
+        """This process's contiguous share of rows 0..n-1, in evaluation batches. Under FSDP
+        every process runs the same number of batches (each forward gathers the shards)."""
         mine = shard(range(n), self.rank, self.world)
+        if self.sharded:
+            count = math.ceil(math.ceil(n / self.world) / self.eval_bs)
+            return [part.tolist() for part in np.array_split(np.asarray(mine, int), count)]
         return [mine[i:i + self.eval_bs] for i in range(0, len(mine), self.eval_bs)]
 
     def val_batches(self) -> Iterable[Batch]:
@@ -355,6 +374,7 @@ class Trainer:
         """Clip, step, schedule, log (the loss is read every few steps, see StepLosses);
         a checkpoint every `eval.save_every_steps`."""
         state, acc, cfg = self.state, self.accelerator, self.cfg
+        sync_replicated(self.objective.net)
         if cfg.optim.grad_clip is not None:
             acc.clip_grad_norm_(self.objective.net.parameters(), cfg.optim.grad_clip)
         self.optimizer.step()
@@ -423,8 +443,10 @@ class Trainer:
         if better:
             state.best, state.bad_evals = value, 0
             state.best_metrics = {**metrics, "step": state.step, "epoch": epoch}
+            weights = self._gathered(optimizer=False)
             if self.accelerator.is_main_process:
-                ckpt.save_weights(self.best_dir, self.objective.model, state.best_metrics)
+                ckpt.save_weights(self.best_dir, self.objective.model, state.best_metrics,
+                                  weights=weights[0] if weights else None)
         elif candidate:
             state.bad_evals += 1
         self.say(f"eval step {state.step}: " + ", ".join(
@@ -442,10 +464,22 @@ class Trainer:
         self.read_losses()
         self.state.skipped = self._skipped()
         self.log.flush()
+        gathered = self._gathered(optimizer=True)
         if self.accelerator.is_main_process:
             ckpt.save_checkpoint(self.last, model=self.objective.model,
                                  optimizer=self.optimizer, scheduler=self.scheduler,
-                                 scaler=self.accelerator.scaler, state=self.state.to_dict())
+                                 scaler=self.accelerator.scaler, state=self.state.to_dict(),
+                                 gathered=gathered)
+
+    def _gathered(self, optimizer: bool) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """Under FSDP: the whole trainable weights (and optimizer state), gathered by every
+        process, kept by the main one; None without FSDP (the main process reads them)."""
+        if not self.sharded:
+            return None
+        main = self.accelerator.is_main_process
+        weights = trainable_state(self.objective.model, keep=main)
+        optim = optimizer_state(self.optimizer, keep=main) if optimizer else {}
+        return (weights, optim) if main else None
 
 
 def _finish(cfg: TrainConfig, data: TrainData, objective: Objective, accelerator: Any,
@@ -458,7 +492,9 @@ def _finish(cfg: TrainConfig, data: TrainData, objective: Objective, accelerator
     accelerator.wait_for_everyone()  # the main process has written the best weights
     if (best / ckpt.WEIGHTS).is_file():
         ckpt.load_weights(best, objective.model)
-    extras = objective.save(out, val_batches())
+    whole = full_state_dict(objective.model, keep=accelerator.is_main_process) \
+        if is_sharded(objective.model) else None  # FSDP: gathered by every process
+    extras = objective.save(out, val_batches(), whole)
     if not accelerator.is_main_process:
         return out
     metrics = {"start": state.start_metrics, "val": state.best_metrics,

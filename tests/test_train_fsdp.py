@@ -1,0 +1,180 @@
+"""FSDP (FSDP2 fully_shard) training: 2 CPU processes (gloo) launched with the example
+accelerate config `configs/accelerate-fsdp.yaml`, against one process.
+
+One launch trains every case; each is compared with the same config trained in this
+process (final weights within 1e-5, validation metrics), the saved folder is loaded by
+plain transformers and by medsig's predictor, and an interrupted, resumed FSDP run must end
+on the uninterrupted run's weights. The settings parser and the refusals are unit-tested.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+
+from medsig.errors import ConfigError
+from medsig.train import train
+from medsig.train.fsdp import FsdpSettings, check_supported, fsdp_settings, layer_classes
+from tests.test_train_distributed import _launch, _val, _weights
+from tests.test_train_helpers import (  # noqa: F401 (fixtures)
+    assert_same_weights,
+    config,
+    tiny_fixture,
+    wound_fixture,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+FSDP_YAML = ROOT / "configs" / "accelerate-fsdp.yaml"
+STEPS = {"eval": {"at_start": False}, "optim": {"max_steps": 2, "batch_size": 8, "lr": 1e-3,
+                                                  "warmup_ratio": 0.0}}
+
+
+def _cases(wound: Path, tiny: Path, out: Path) -> dict[str, dict[str, Any]]:
+    def case(name: str, **sections: Any) -> dict[str, Any]:
+        merged = {**STEPS, **sections, "optim": {**STEPS["optim"], **sections.get("optim", {})}}
+        return config(wound, tiny, out / name, **merged)
+
+    return {
+        # a checkpoint after every step: the resumed run below must end on these weights
+        "sigmoid": case("sigmoid", optim={"max_steps": 3},
+                        eval={"at_start": False, "save_every_steps": 1}),
+        "mp_sigmoid": case("mp_sigmoid", contrastive={"loss": "multi_positive_sigmoid",
+                                                      "positives": "same_class"}),
+        # 7 rows a micro-batch: slices of 4 and 3; 2 micro-batches a step, each
+        # reduce-scattered (FSDP accumulates sharded gradients, no no_sync)
+        "classify": case("classify", objective="classify", optim={"batch_size": 7,
+                                                                  "grad_accum": 2}),
+    }
+
+
+@pytest.fixture(scope="module")
+def runs(wound: Path, tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    tmp = tmp_path_factory.mktemp("fsdp")
+    two, one = _cases(wound, tiny, tmp / "two"), _cases(wound, tiny, tmp / "one")
+    resume = {**two["sigmoid"], "out": str(tmp / "two" / "resumed")}
+    jobs = [{"config": c, "stop_at": None} for c in two.values()]
+    jobs.append({"config": resume, "stop_at": 2})
+    _launch(jobs, tmp, ("--config_file", str(FSDP_YAML)))
+    for cfg in one.values():
+        train(cfg)
+    return {"one": one, "two": two, "resumed": Path(resume["out"])}
+
+
+@pytest.mark.parametrize("name", ["sigmoid", "mp_sigmoid", "classify"])
+def test_fsdp_ends_with_the_weights_and_metrics_of_one_process(runs: dict[str, Any],
+                                                                name: str) -> None:
+    one, two = runs["one"][name]["out"], runs["two"][name]["out"]
+    assert_same_weights(_weights(one), _weights(two), atol=1e-5)
+    val_one, val_two = _val(one), _val(two)
+    assert val_one.keys() == val_two.keys()
+    for k, v in val_one.items():
+        assert val_two[k] == pytest.approx(v, abs=1e-5, nan_ok=True), k
+    info = json.loads((Path(two) / "medsig.json").read_text())
+    assert info["training"]["processes"] == 2
+    rows = [json.loads((Path(two) / f"rows-{r}.json").read_text()) for r in (0, 1)]
+    assert all(len(m) < runs["two"][name]["optim"]["batch_size"]  # each process: a slice
+               for step in rows[0] for m in step)
+
+
+def test_the_fsdp_model_folder_loads_in_plain_transformers_and_medsig(runs: dict[str, Any]
+                                                                       ) -> None:
+    from transformers import AutoModel, AutoModelForImageClassification
+
+    from medsig.models.predictor import load_predictor
+
+    contrastive, classify = (Path(runs["two"][n]["out"]) for n in ("sigmoid", "classify"))
+    model = AutoModel.from_pretrained(contrastive)
+    saved = _weights(contrastive)
+    for name, p in model.state_dict().items():
+        if name in saved:
+            assert torch.equal(p, saved[name]), name
+    classifier = AutoModelForImageClassification.from_pretrained(classify)
+    assert classifier.config.num_labels > 0
+    predictor = load_predictor(classify, device="cpu")
+    assert predictor is not None
+
+
+def test_a_resumed_fsdp_run_equals_an_uninterrupted_one(runs: dict[str, Any]) -> None:
+    resumed, full = runs["resumed"], Path(runs["two"]["sigmoid"]["out"])
+    assert json.loads((resumed / "checkpoints/last/state.json").read_text())["step"] == 3
+    a, b = _weights(full), _weights(resumed)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-7, msg=k)
+    assert _val(full) == pytest.approx(_val(resumed), abs=1e-6)
+
+
+# ----------------------------------------------------------------------------- settings
+def _accelerator(kind: str = "MULTI_CPU") -> Any:
+    return SimpleNamespace(distributed_type=SimpleNamespace(value=kind),
+                           state=SimpleNamespace(fsdp_plugin=None))
+
+
+FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2",
+            "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
+            "FSDP_TRANSFORMER_CLS_TO_WRAP": "SiglipEncoderLayer,CLIPEncoderLayer",
+            "FSDP_RESHARD_AFTER_FORWARD": "false", "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT"}
+
+
+def _env(monkeypatch: pytest.MonkeyPatch, **changes: str) -> None:
+    for k, v in {**FSDP_ENV, **changes}.items():
+        monkeypatch.setenv(k, v)
+
+
+def test_settings_come_from_the_accelerate_fsdp_environment(monkeypatch: pytest.MonkeyPatch
+                                                            ) -> None:
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    assert fsdp_settings(_accelerator()) is None  # plain DDP / one process
+    _env(monkeypatch)
+    s = fsdp_settings(_accelerator())
+    assert s is not None and s.wrap == "TRANSFORMER_BASED_WRAP"
+    assert s.layer_classes == ("SiglipEncoderLayer", "CLIPEncoderLayer")
+    assert s.reshard_after_forward is False and not s.activation_checkpointing
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("FSDP_VERSION", "1", "fsdp_version: 2"),
+    ("FSDP_STATE_DICT_TYPE", "SHARDED_STATE_DICT", "FULL_STATE_DICT"),
+    ("FSDP_AUTO_WRAP_POLICY", "SIZE_BASED_WRAP", "TRANSFORMER_BASED_WRAP"),
+])
+def test_unsupported_fsdp_settings_are_refused_by_name(monkeypatch: pytest.MonkeyPatch,
+                                                       key: str, value: str,
+                                                       message: str) -> None:
+    _env(monkeypatch, **{key: value})
+    with pytest.raises(ConfigError, match=message):
+        fsdp_settings(_accelerator())
+
+
+def test_layer_classes_pick_the_encoder_layers_of_each_family(tiny: Path) -> None:
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(tiny)
+    both = FsdpSettings("TRANSFORMER_BASED_WRAP", ("SiglipEncoderLayer", "CLIPEncoderLayer"),
+                        True, None, False)
+    assert layer_classes(model, both) == {"SiglipEncoderLayer"}
+    default = FsdpSettings("TRANSFORMER_BASED_WRAP", None, True, None, False)
+    assert "SiglipEncoderLayer" in layer_classes(model, default)  # _no_split_modules
+    assert layer_classes(model, FsdpSettings("NO_WRAP", None, True, None, False)) == set()
+    with pytest.raises(ConfigError, match="names no module"):
+        layer_classes(model, FsdpSettings("TRANSFORMER_BASED_WRAP", ("CLIPEncoderLayer",),
+                                          True, None, False))
+
+
+@pytest.mark.parametrize(("section", "message"), [
+    ({"adapt": {"method": "lora"}}, "LoRA"),
+    ({"optim": {"gradcache": True}}, "gradcache"),
+    ({"precision": "fp16"}, "fp16"),
+])
+def test_what_fsdp_does_not_run_is_refused_with_the_way_out(wound: Path, tiny: Path,
+                                                            tmp_path: Path,
+                                                            section: dict[str, Any],
+                                                            message: str) -> None:
+    from medsig.train.config import load_config
+
+    cfg = load_config(config(wound, tiny, tmp_path / "x", **section))
+    with pytest.raises(ConfigError, match=message):
+        check_supported(cfg)
