@@ -150,10 +150,10 @@ def no_sync_unless(accelerator: Any, module: Any, last: bool) -> Any:
 
 # ----------------------------------------------------------------------------- FSDP tensors
 def is_sharded(module: Any) -> bool:
-    """Whether ``module`` holds FSDP-sharded (DTensor) parameters."""
-    from torch.distributed.tensor import DTensor
+    """Whether ``module`` is or holds an FSDP (fully_shard) unit."""
+    from torch.distributed.fsdp import FSDPModule
 
-    return any(isinstance(p, DTensor) for p in module.parameters())
+    return any(isinstance(m, FSDPModule) for m in module.modules())
 
 
 def whole(t: Tensor) -> Tensor:

@@ -156,3 +156,14 @@ def sync_replicated(net: nn.Module) -> None:
         if p.grad is not None and n > 1:
             dist.all_reduce(p.grad)
             p.grad.div_(n)
+
+
+def reshard(net: nn.Module) -> None:
+    """Free the gathered parameters an evaluation left behind (``fsdp_reshard_after_forward:
+    false`` keeps them until a backward that evaluation never runs), so that the module
+    holds its shards again before weights are read or loaded. A no-op without FSDP."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in net.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()

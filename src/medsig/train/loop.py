@@ -49,7 +49,7 @@ from medsig.train.distributed import (
     sum_counts,
     world,
 )
-from medsig.train.fsdp import sync_replicated
+from medsig.train.fsdp import reshard, sync_replicated
 from medsig.train.metrics_log import StepLosses
 from medsig.train.runtime import (
     RunLog,
@@ -285,6 +285,7 @@ class Trainer:
         pool = epoch_pool(self.data.train, self.cfg, self.data.labels, epoch)
         plan = self.objective.plan(epoch, pool, self.step_size,
                                    seed_of(self.cfg.seed, "order", epoch), self.plain_train)
+        reshard(self.objective.net)  # FSDP: hard-negative mining embedded the rows
         return broadcast(plan)
 
     def _my_slice(self, micro_batch: list[int]) -> tuple[list[int], bool]:
@@ -432,6 +433,7 @@ class Trainer:
         state, cfg = self.state, self.cfg
         self.read_losses()
         metrics = self.objective.evaluate(self.val_batches())
+        reshard(self.objective.net)  # FSDP: shards again before weights are read
         if cfg.metric not in metrics:
             raise ConfigError(f"eval.best_metric '{cfg.metric}' is not computed by objective "
                               f"'{cfg.objective}' (available: {', '.join(sorted(metrics))})")
@@ -490,6 +492,7 @@ def _finish(cfg: TrainConfig, data: TrainData, objective: Objective, accelerator
     from medsig.train.output import build_artifact, write_outputs
 
     accelerator.wait_for_everyone()  # the main process has written the best weights
+    reshard(objective.net)
     if (best / ckpt.WEIGHTS).is_file():
         ckpt.load_weights(best, objective.model)
     whole = full_state_dict(objective.model, keep=accelerator.is_main_process) \
@@ -507,7 +510,8 @@ def _finish(cfg: TrainConfig, data: TrainData, objective: Objective, accelerator
                                                 str(accelerator.mixed_precision)),
                 "device": str(accelerator.device), "skipped_images": state.skipped,
                 "adapt": objective.report.to_dict(),
-                "processes": accelerator.num_processes}
+                "processes": accelerator.num_processes,
+                "sharded": is_sharded(objective.model)}  # FSDP
     write_outputs(out, build_artifact(cfg, out, data.collection, data.counts, extras["heads"],
                                       objective.preprocess, prompts=extras["prompts"],
                                       metrics=metrics, training=training))
