@@ -20,6 +20,7 @@ the same way on every device (docs/scaling.md, "FSDP"):
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -128,6 +129,8 @@ def shard(net: nn.Module, model: nn.Module, settings: FsdpSettings, device: torc
                               "gradient checkpointing")
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={
             "use_reentrant": False})
+    # the towers return views (pooled features); medsig never changes them in place
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view")
     mesh = init_device_mesh(device.type, (world()[1],))
     kwargs: dict[str, Any] = {"mesh": mesh,
                               "reshard_after_forward": settings.reshard_after_forward}
