@@ -121,6 +121,7 @@ def _accelerator(kind: str = "MULTI_CPU") -> Any:
 
 
 FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2",
+            "FSDP_CPU_RAM_EFFICIENT_LOADING": "false",
             "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
             "FSDP_TRANSFORMER_CLS_TO_WRAP": "SiglipEncoderLayer,CLIPEncoderLayer",
             "FSDP_RESHARD_AFTER_FORWARD": "false", "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT"}
@@ -146,6 +147,7 @@ def test_settings_come_from_the_accelerate_fsdp_environment(monkeypatch: pytest.
     ("FSDP_VERSION", "1", "fsdp_version: 2"),
     ("FSDP_STATE_DICT_TYPE", "SHARDED_STATE_DICT", "FULL_STATE_DICT"),
     ("FSDP_AUTO_WRAP_POLICY", "SIZE_BASED_WRAP", "TRANSFORMER_BASED_WRAP"),
+    ("FSDP_CPU_RAM_EFFICIENT_LOADING", "true", "cpu_ram_efficient_loading: false"),
 ])
 def test_unsupported_fsdp_settings_are_refused_by_name(monkeypatch: pytest.MonkeyPatch,
                                                        key: str, value: str,

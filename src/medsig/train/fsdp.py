@@ -76,6 +76,9 @@ def fsdp_settings(accelerator: Any) -> FsdpSettings | None:
                           "writes whole (FULL_STATE_DICT) checkpoints and model folders that "
                           "load in plain transformers; set 'fsdp_state_dict_type: "
                           "FULL_STATE_DICT'")
+    if plugin.cpu_ram_efficient_loading:
+        raise ConfigError("accelerate FSDP config: set 'fsdp_cpu_ram_efficient_loading: "
+                          "false' - every medsig process loads the whole model, then shards it")
     policy = plugin.auto_wrap_policy
     wrap = "NO_WRAP" if policy is None else POLICIES.get(getattr(policy, "__name__", ""), "?")
     if wrap not in ("TRANSFORMER_BASED_WRAP", "NO_WRAP"):
