@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,31 @@ from medsig.train.distributed import load_optimizer_state, optimizer_state
 STATE = "state.json"
 WEIGHTS = "trainable.safetensors"
 RNG_JSON, RNG_TENSORS = "rng.json", "rng.safetensors"
+
+
+@dataclass
+class TrainState:
+    """Everything a checkpoint must restore to continue a run exactly (state.json)."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # epochs finished
+    batch: int = 0  # step batches of the current epoch's plan done
+    plan: list[list[int]] | None = None  # the current epoch's global step batches
+    best: float | None = None
+    best_metrics: dict[str, Any] | None = None
+    bad_evals: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    start_metrics: dict[str, float] | None = None
+    last_metrics: dict[str, float] | None = None
+    stopped_early: bool = False
+    skipped: dict[str, int] = field(default_factory=dict)  # all processes, at the last save
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> TrainState:
+        return cls(**{f.name: raw[f.name] for f in fields(cls) if f.name in raw})
 
 
 def rng_state() -> dict[str, Any]:
@@ -148,6 +174,15 @@ def save_checkpoint(path: Path, *, model: nn.Module, optimizer: Any, scheduler: 
     save_rng(tmp)
     (tmp / STATE).write_text(json.dumps(state, indent=1, default=str))
     _swap_in(tmp, path, previous_of(path))
+
+
+def gathered(model: nn.Module, optimizer: Any | None, keep: bool
+             ) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """Under FSDP: the whole trainable weights and optimizer state (none without an
+    optimizer), gathered by every process, kept by the main one (``keep``; None elsewhere)."""
+    weights = trainable_state(model, keep=keep)
+    optim = optimizer_state(optimizer, keep=keep) if optimizer is not None else {}
+    return (weights, optim) if keep else None
 
 
 def previous_of(path: Path) -> Path:

@@ -14,7 +14,6 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -26,7 +25,8 @@ from tqdm.auto import tqdm
 from medsig.errors import ConfigError, MedsigError
 from medsig.progress import progress_bar
 from medsig.train import checkpoint as ckpt
-from medsig.train.adapt import full_state_dict, trainable_state
+from medsig.train.adapt import full_state_dict
+from medsig.train.checkpoint import TrainState
 from medsig.train.config import TrainConfig, dump_config, load_config
 from medsig.train.data import (
     Batch,
@@ -41,14 +41,7 @@ from medsig.train.data import (
     shard,
     training_threads,
 )
-from medsig.train.distributed import (
-    broadcast,
-    is_sharded,
-    merge_counters,
-    optimizer_state,
-    sum_counts,
-    world,
-)
+from medsig.train.distributed import broadcast, is_sharded, merge_counters, sum_counts, world
 from medsig.train.fsdp import reshard, sync_replicated
 from medsig.train.metrics_log import StepLosses
 from medsig.train.runtime import (
@@ -97,32 +90,6 @@ def build_objective(cfg: TrainConfig, data: TrainData, accelerator: Any) -> Obje
 def _say(accelerator: Any, message: str) -> None:
     if accelerator.is_main_process:
         tqdm.write(message)
-
-
-# ----------------------------------------------------------------------------- state
-@dataclass
-class TrainState:
-    """Everything a checkpoint must restore to continue a run exactly (state.json)."""
-
-    step: int = 0  # optimizer steps done
-    epoch: int = 0  # epochs finished
-    batch: int = 0  # step batches of the current epoch's plan done
-    plan: list[list[int]] | None = None  # the current epoch's global step batches
-    best: float | None = None
-    best_metrics: dict[str, Any] | None = None
-    bad_evals: int = 0
-    history: list[dict[str, Any]] = field(default_factory=list)
-    start_metrics: dict[str, float] | None = None
-    last_metrics: dict[str, float] | None = None
-    stopped_early: bool = False
-    skipped: dict[str, int] = field(default_factory=dict)  # all processes, at the last save
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> TrainState:
-        return cls(**{f.name: raw[f.name] for f in fields(cls) if f.name in raw})
 
 
 # ----------------------------------------------------------------------------- training
@@ -266,11 +233,11 @@ class Trainer:
     def _my_rows(self, n: int) -> list[list[int]]:
         """This process's contiguous share of rows 0..n-1, in evaluation batches. Under FSDP
         every process runs the same number of batches (each forward gathers the shards)."""
-        mine = shard(range(n), self.rank, self.world)
-        if self.sharded:
-            count = math.ceil(math.ceil(n / self.world) / self.eval_bs)
+        mine, bs = shard(range(n), self.rank, self.world), self.eval_bs
+        if self.sharded:  # the longest share's number of batches, on every process
+            count = math.ceil(math.ceil(n / self.world) / bs)
             return [part.tolist() for part in np.array_split(np.asarray(mine, int), count)]
-        return [mine[i:i + self.eval_bs] for i in range(0, len(mine), self.eval_bs)]
+        return [mine[i:i + bs] for i in range(0, len(mine), bs)]
 
     def val_batches(self) -> Iterable[Batch]:
         """This process's val rows (each val row is read by one process)."""
@@ -445,8 +412,9 @@ class Trainer:
         if better:
             state.best, state.bad_evals = value, 0
             state.best_metrics = {**metrics, "step": state.step, "epoch": epoch}
-            weights = self._gathered(optimizer=False)
-            if self.accelerator.is_main_process:
+            main = self.accelerator.is_main_process
+            weights = ckpt.gathered(self.objective.model, None, main) if self.sharded else None
+            if main:
                 ckpt.save_weights(self.best_dir, self.objective.model, state.best_metrics,
                                   weights=weights[0] if weights else None)
         elif candidate:
@@ -466,22 +434,14 @@ class Trainer:
         self.read_losses()
         self.state.skipped = self._skipped()
         self.log.flush()
-        gathered = self._gathered(optimizer=True)
-        if self.accelerator.is_main_process:
+        main = self.accelerator.is_main_process
+        gathered = ckpt.gathered(self.objective.model, self.optimizer, main) \
+            if self.sharded else None  # FSDP: every process takes part
+        if main:
             ckpt.save_checkpoint(self.last, model=self.objective.model,
                                  optimizer=self.optimizer, scheduler=self.scheduler,
                                  scaler=self.accelerator.scaler, state=self.state.to_dict(),
                                  gathered=gathered)
-
-    def _gathered(self, optimizer: bool) -> tuple[dict[str, Any], dict[str, Any]] | None:
-        """Under FSDP: the whole trainable weights (and optimizer state), gathered by every
-        process, kept by the main one; None without FSDP (the main process reads them)."""
-        if not self.sharded:
-            return None
-        main = self.accelerator.is_main_process
-        weights = trainable_state(self.objective.model, keep=main)
-        optim = optimizer_state(self.optimizer, keep=main) if optimizer else {}
-        return (weights, optim) if main else None
 
 
 def _finish(cfg: TrainConfig, data: TrainData, objective: Objective, accelerator: Any,
