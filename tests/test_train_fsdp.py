@@ -1,5 +1,5 @@
 """FSDP (FSDP2 fully_shard) training: 2 CPU processes (gloo) launched with the example
-accelerate config `configs/accelerate-fsdp.yaml`, against one process.
+accelerate config `configs/accelerate/fsdp.yaml`, against one process.
 
 One launch trains every case; each is compared with the same config trained in this
 process (final weights within 1e-5, validation metrics); the contrastive FSDP run is
@@ -31,7 +31,7 @@ from tests.test_train_helpers import (  # noqa: F401 (fixtures)
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-FSDP_YAML = ROOT / "configs" / "accelerate-fsdp.yaml"
+FSDP_YAML = ROOT / "configs" / "accelerate" / "fsdp.yaml"
 STEPS = {"eval": {"at_start": False}, "optim": {"max_steps": 2, "batch_size": 8, "lr": 1e-3,
                                                   "warmup_ratio": 0.0}}
 

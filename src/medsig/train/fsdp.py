@@ -69,7 +69,7 @@ def fsdp_settings(accelerator: Any) -> FsdpSettings | None:
             raise ConfigError(f"accelerate FSDP config: {str(exc).splitlines()[0]}") from None
     if int(plugin.fsdp_version) != 2:
         raise ConfigError("accelerate FSDP config: medsig shards with FSDP2 (fully_shard); "
-                          "set 'fsdp_version: 2' (see configs/accelerate-fsdp.yaml)")
+                          "set 'fsdp_version: 2' (see configs/accelerate/fsdp.yaml)")
     kind = str(getattr(plugin.state_dict_type, "name", plugin.state_dict_type))
     if not kind.endswith("FULL_STATE_DICT"):
         raise ConfigError(f"accelerate FSDP config: fsdp_state_dict_type '{kind}' - medsig "
