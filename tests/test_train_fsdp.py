@@ -186,3 +186,17 @@ def test_what_fsdp_does_not_run_is_refused_with_the_way_out(wound: Path, tiny: P
     cfg = load_config(config(wound, tiny, tmp_path / "x", **section))
     with pytest.raises(ConfigError, match=message):
         check_supported(cfg)
+
+
+def test_lockstep_evaluation_gives_every_process_the_same_number_of_batches() -> None:
+    from medsig.train.data import eval_batches
+
+    assert eval_batches(70, 32) == [list(range(32)), list(range(32, 64)), list(range(64, 70))]
+    for world in (2, 3, 4):
+        for n in range(world, 200, 7):
+            plain = [eval_batches(n, 32, r, world) for r in range(world)]
+            locked = [eval_batches(n, 32, r, world, lockstep=True) for r in range(world)]
+            assert len({len(b) for b in locked}) == 1, (n, world)  # FSDP: lockstep
+            for p, q in zip(plain, locked):  # the same rows, in order, batches <= 32
+                assert sum(p, []) == sum(q, []) and all(0 < len(b) <= 32 for b in q)
+    assert len(eval_batches(65, 32, 0, 2)) != len(eval_batches(65, 32, 1, 2))  # DDP: 2 vs 1

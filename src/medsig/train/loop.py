@@ -34,6 +34,7 @@ from medsig.train.data import (
     RowImages,
     TrainData,
     epoch_pool,
+    eval_batches,
     load_train_data,
     loader_workers,
     micro_batches,
@@ -231,13 +232,9 @@ class Trainer:
             yield b
 
     def _my_rows(self, n: int) -> list[list[int]]:
-        """This process's contiguous share of rows 0..n-1, in evaluation batches. Under FSDP
-        every process runs the same number of batches (each forward gathers the shards)."""
-        mine, bs = shard(range(n), self.rank, self.world), self.eval_bs
-        if self.sharded:  # the longest share's number of batches, on every process
-            count = math.ceil(math.ceil(n / self.world) / bs)
-            return [part.tolist() for part in np.array_split(np.asarray(mine, int), count)]
-        return [mine[i:i + bs] for i in range(0, len(mine), bs)]
+        """This process's contiguous share of rows 0..n-1, in evaluation batches (under
+        FSDP the same number of batches on every process)."""
+        return eval_batches(n, self.eval_bs, self.rank, self.world, lockstep=self.sharded)
 
     def val_batches(self) -> Iterable[Batch]:
         """This process's val rows (each val row is read by one process)."""
