@@ -173,7 +173,7 @@ def test_layer_classes_pick_the_encoder_layers_of_each_family(tiny: Path) -> Non
 
 
 @pytest.mark.parametrize(("section", "message"), [
-    ({"adapt": {"method": "lora"}}, "LoRA"),
+    ({"adapt": {"method": "lora"}}, "LoRA fits one GPU"),
     ({"optim": {"gradcache": True}}, "gradcache"),
     ({"precision": "fp16"}, "fp16"),
 ])

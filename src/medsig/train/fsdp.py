@@ -92,10 +92,10 @@ def fsdp_settings(accelerator: Any) -> FsdpSettings | None:
 
 def check_supported(cfg: TrainConfig) -> None:
     """What FSDP does not run in medsig: ConfigError naming the setting and the way out."""
-    if cfg.adapt.method != "full":
-        raise ConfigError(f"adapt.method '{cfg.adapt.method}' under FSDP: FSDP is for full "
-                          "fine-tuning of models that do not fit one GPU; LoRA and partial "
-                          "unfreezing fit one GPU - launch them with DDP (--multi_gpu)")
+    if cfg.adapt.method == "lora":
+        raise ConfigError("adapt.method 'lora' is not supported under FSDP (the adapter is "
+                          "merged or saved through peft, which reads whole weights); LoRA "
+                          "fits one GPU - launch it with DDP (--multi_gpu)")
     if cfg.optim.gradcache:
         raise ConfigError("optim.gradcache is not supported under FSDP (its re-encode passes "
                           "would all-gather every layer twice per micro-batch): use "
