@@ -172,20 +172,23 @@ def test_layer_classes_pick_the_encoder_layers_of_each_family(tiny: Path) -> Non
                                           True, None, False))
 
 
-@pytest.mark.parametrize(("section", "message"), [
-    ({"adapt": {"method": "lora"}}, "LoRA fits one GPU"),
-    ({"optim": {"gradcache": True}}, "gradcache"),
-    ({"precision": "fp16"}, "fp16"),
+@pytest.mark.parametrize(("section", "resolved", "message"), [
+    ({"adapt": {"method": "lora"}}, "no", "LoRA fits one GPU"),
+    ({"optim": {"gradcache": True}}, "no", "gradcache"),
+    ({"precision": "fp16"}, "fp16", "fp16 is not"),
+    ({"precision": "auto"}, "fp16", r"'auto' chose it"),  # a GPU without bf16
 ])
 def test_what_fsdp_does_not_run_is_refused_with_the_way_out(wound: Path, tiny: Path,
                                                             tmp_path: Path,
                                                             section: dict[str, Any],
+                                                            resolved: str,
                                                             message: str) -> None:
     from medsig.train.config import load_config
 
     cfg = load_config(config(wound, tiny, tmp_path / "x", **section))
     with pytest.raises(ConfigError, match=message):
-        check_supported(cfg)
+        check_supported(cfg, resolved)
+    check_supported(load_config(config(wound, tiny, tmp_path / "y")), "bf16")  # runs
 
 
 def test_lockstep_evaluation_gives_every_process_the_same_number_of_batches() -> None:

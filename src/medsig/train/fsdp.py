@@ -90,8 +90,9 @@ def fsdp_settings(accelerator: Any) -> FsdpSettings | None:
                         bool(plugin.activation_checkpointing))
 
 
-def check_supported(cfg: TrainConfig) -> None:
-    """What FSDP does not run in medsig: ConfigError naming the setting and the way out."""
+def check_supported(cfg: TrainConfig, precision: str) -> None:
+    """What FSDP does not run in medsig: ConfigError naming the setting and the way out.
+    ``precision``: the run's resolved mixed precision (accelerate's: no | bf16 | fp16)."""
     if cfg.adapt.method == "lora":
         raise ConfigError("adapt.method 'lora' is not supported under FSDP (the adapter is "
                           "merged or saved through peft, which reads whole weights); LoRA "
@@ -100,9 +101,11 @@ def check_supported(cfg: TrainConfig) -> None:
         raise ConfigError("optim.gradcache is not supported under FSDP (its re-encode passes "
                           "would all-gather every layer twice per micro-batch): use "
                           "optim.grad_accum with FSDP, or gradient caching under DDP")
-    if cfg.precision == "fp16":
-        raise ConfigError("precision 'fp16' is not supported under FSDP (its loss scaler "
-                          "does not see other processes' gradient shards): use bf16 or fp32")
+    if str(precision) == "fp16":
+        how = "" if cfg.precision == "fp16" else f" ('{cfg.precision}' chose it: no bf16 here)"
+        raise ConfigError(f"precision fp16{how} is not supported under FSDP (its loss scaler "
+                          "does not see other processes' gradient shards): use bf16 on GPUs "
+                          "that have it, or precision: fp32")
 
 
 def layer_classes(model: nn.Module, settings: FsdpSettings) -> set[str]:

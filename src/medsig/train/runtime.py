@@ -60,7 +60,7 @@ def prepare(accelerator: Any, cfg: TrainConfig, model: nn.Module, net: nn.Module
 
     settings = fsdp_settings(accelerator)
     if settings is not None:
-        check_supported(cfg)
+        check_supported(cfg, accelerator.mixed_precision)
         net = shard(net, model, settings, accelerator.device)
         return net, make_optimizer(model, cfg)
     accelerator.ddp_handler = DistributedDataParallelKwargs(
