@@ -82,20 +82,27 @@ def test_fsdp_ends_with_the_weights_and_metrics_of_one_process(runs: dict[str, A
 
 def test_the_fsdp_model_folder_loads_in_plain_transformers_and_medsig(runs: dict[str, Any]
                                                                        ) -> None:
+    """Plain transformers and medsig's predictor read the FSDP folders like the
+    single-process ones: the same outputs on the same pixels."""
     from transformers import AutoModel, AutoModelForImageClassification
 
     from medsig.models.predictor import load_predictor
 
-    contrastive, classify = (Path(runs["two"][n]["out"]) for n in ("sigmoid", "classify"))
-    model = AutoModel.from_pretrained(contrastive)
-    saved = _weights(contrastive)
-    for name, p in model.state_dict().items():
-        if name in saved:
-            assert torch.equal(p, saved[name]), name
-    classifier = AutoModelForImageClassification.from_pretrained(classify)
-    assert classifier.config.num_labels > 0
-    predictor = load_predictor(classify, device="cpu")
-    assert predictor is not None
+    def folders(name: str) -> tuple[Path, Path]:
+        return Path(runs["two"][name]["out"]), Path(runs["one"][name]["out"])
+
+    pixels = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        fsdp, one = (AutoModel.from_pretrained(f).get_image_features(pixel_values=pixels)
+                     .pooler_output for f in folders("sigmoid"))
+        torch.testing.assert_close(fsdp, one, rtol=0, atol=1e-4)
+        fsdp, one = (AutoModelForImageClassification.from_pretrained(f)(pixel_values=pixels)
+                     .logits for f in folders("classify"))
+        torch.testing.assert_close(fsdp, one, rtol=0, atol=1e-4)
+    fsdp, one = (load_predictor(f, device="cpu", safe_outputs=False).predict_pixels(pixels)
+                 for f in folders("classify"))
+    assert fsdp.shape == one.shape and fsdp.shape[0] == 3
+    assert abs(fsdp - one).max() < 1e-4
 
 
 def test_the_fsdp_checkpoint_holds_whole_tensors_and_resumed(runs: dict[str, Any]) -> None:
