@@ -59,14 +59,17 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _launch(jobs: list[dict[str, Any]], tmp: Path) -> None:
+def _launch(jobs: list[dict[str, Any]], tmp: Path,
+            launcher: tuple[str, ...] = ("--multi_gpu",)) -> None:
+    """Run the jobs in 2 processes (tests/dist_worker.py); ``launcher``: accelerate launch
+    options (e.g. ``--config_file fsdp.yaml``)."""
     jobs_file = tmp / "jobs.json"
     jobs_file.write_text(json.dumps(jobs))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]),
            "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     # on CPU, accelerate's `--cpu` launcher starts ONE process: `--multi_gpu` (torchrun
     # underneath) starts two, and the config's device: cpu gives them gloo
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher,
            "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
            "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
            "-m", "tests.dist_worker", str(jobs_file)]

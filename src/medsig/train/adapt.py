@@ -12,6 +12,7 @@ from torch import nn
 
 from medsig.errors import ConfigError
 from medsig.train.config import AdaptConfig
+from medsig.train.distributed import shard_like, whole
 
 TEXT_MARKERS = ("text_model", "text_projection")
 IMAGE_MARKERS = ("vision_model", "visual_projection", "vision_tower")
@@ -154,10 +155,16 @@ def is_peft(model: nn.Module) -> bool:
 
 
 def export_model(model: nn.Module, out_dir: str | Path, *, merge: bool = True,
-                 base_name: str | None = None) -> nn.Module:
+                 base_name: str | None = None,
+                 state_dict: dict[str, torch.Tensor] | None = None) -> nn.Module:
     """save_pretrained the model into out_dir; LoRA merged into the weights (default) or
-    kept as a peft adapter (`adapter_config.json`). Returns the saved module."""
+    kept as a peft adapter (`adapter_config.json`). Returns the saved module.
+    ``state_dict``: the model's whole weights when its parameters are FSDP shards
+    (`full_state_dict`, gathered by every process)."""
     out_dir = Path(out_dir)
+    if state_dict is not None:
+        model.save_pretrained(out_dir, state_dict=state_dict)
+        return model
     if is_peft(model):
         if merge:
             model = model.merge_and_unload()
@@ -170,9 +177,27 @@ def export_model(model: nn.Module, out_dir: str | Path, *, merge: bool = True,
     return model
 
 
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The trainable parameters (what a checkpoint must keep), detached on CPU."""
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+def trainable_state(model: nn.Module, keep: bool = True) -> dict[str, torch.Tensor]:
+    """The trainable parameters (what a checkpoint must keep), whole, detached on CPU. FSDP
+    shards are gathered: then every process calls it, and only the main one need `keep`."""
+    out = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            t = whole(p.detach())
+            if keep:
+                out[name] = t.cpu().clone()
+    return out
+
+
+def full_state_dict(model: nn.Module, keep: bool) -> dict[str, torch.Tensor]:
+    """The whole state dict of a model with FSDP-sharded parameters, on CPU; every process
+    calls it (one gather per tensor), only the main one need `keep` it."""
+    out = {}
+    for name, t in model.state_dict().items():
+        t = whole(t.detach())
+        if keep:
+            out[name] = t.cpu().clone()
+    return out
 
 
 def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -183,4 +208,4 @@ def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> No
                           "written with another adapt / model setting?")
     with torch.no_grad():
         for n, t in state.items():
-            params[n].copy_(t.to(params[n].device, params[n].dtype))
+            params[n].copy_(shard_like(t.to(params[n].dtype), params[n]))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +24,36 @@ from torch import nn
 
 from medsig.errors import ConfigError
 from medsig.train.adapt import load_trainable_state, trainable_state
+from medsig.train.distributed import load_optimizer_state, optimizer_state
 
 STATE = "state.json"
 WEIGHTS = "trainable.safetensors"
 RNG_JSON, RNG_TENSORS = "rng.json", "rng.safetensors"
+
+
+@dataclass
+class TrainState:
+    """Everything a checkpoint must restore to continue a run exactly (state.json)."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # epochs finished
+    batch: int = 0  # step batches of the current epoch's plan done
+    plan: list[list[int]] | None = None  # the current epoch's global step batches
+    best: float | None = None
+    best_metrics: dict[str, Any] | None = None
+    bad_evals: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    start_metrics: dict[str, float] | None = None
+    last_metrics: dict[str, float] | None = None
+    stopped_early: bool = False
+    skipped: dict[str, int] = field(default_factory=dict)  # all processes, at the last save
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> TrainState:
+        return cls(**{f.name: raw[f.name] for f in fields(cls) if f.name in raw})
 
 
 def rng_state() -> dict[str, Any]:
@@ -110,11 +137,14 @@ def _tmp_dir(path: Path) -> Path:
     return tmp
 
 
-def save_weights(path: Path, model: nn.Module, info: dict[str, Any] | None = None) -> None:
-    """Only the trainable parameters (a frozen base is reloaded from the base model)."""
+def save_weights(path: Path, model: nn.Module, info: dict[str, Any] | None = None,
+                 weights: dict[str, torch.Tensor] | None = None) -> None:
+    """Only the trainable parameters (a frozen base is reloaded from the base model);
+    ``weights``: those parameters already gathered (`trainable_state`, under FSDP)."""
     path = Path(path)
     tmp = _tmp_dir(path)
-    save_file({k: v.contiguous() for k, v in trainable_state(model).items()}, tmp / WEIGHTS)
+    weights = trainable_state(model) if weights is None else weights
+    save_file({k: v.contiguous() for k, v in weights.items()}, tmp / WEIGHTS)
     (tmp / STATE).write_text(json.dumps(info or {}, indent=1, default=str))
     _swap_in(tmp, path)
 
@@ -128,18 +158,31 @@ def load_weights(path: Path, model: nn.Module) -> dict[str, Any]:
 
 
 def save_checkpoint(path: Path, *, model: nn.Module, optimizer: Any, scheduler: Any,
-                    scaler: Any | None, state: dict[str, Any]) -> None:
-    """Everything needed to continue exactly where training stopped."""
+                    scaler: Any | None, state: dict[str, Any],
+                    gathered: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None
+                    ) -> None:
+    """Everything needed to continue exactly where training stopped. ``gathered``: the
+    weights and optimizer state already gathered by every process (under FSDP)."""
     path = Path(path)
     tmp = _tmp_dir(path)
-    save_file({k: v.contiguous() for k, v in trainable_state(model).items()}, tmp / WEIGHTS)
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    weights, optim = gathered or (trainable_state(model), optimizer_state(optimizer))
+    save_file({k: v.contiguous() for k, v in weights.items()}, tmp / WEIGHTS)
+    torch.save(optim, tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     if scaler is not None:
         torch.save(scaler.state_dict(), tmp / "scaler.pt")
     save_rng(tmp)
     (tmp / STATE).write_text(json.dumps(state, indent=1, default=str))
     _swap_in(tmp, path, previous_of(path))
+
+
+def gathered(model: nn.Module, optimizer: Any | None, keep: bool
+             ) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """Under FSDP: the whole trainable weights and optimizer state (none without an
+    optimizer), gathered by every process, kept by the main one (``keep``; None elsewhere)."""
+    weights = trainable_state(model, keep=keep)
+    optim = optimizer_state(optimizer, keep=keep) if optimizer is not None else {}
+    return (weights, optim) if keep else None
 
 
 def previous_of(path: Path) -> Path:
@@ -188,7 +231,7 @@ def load_checkpoint(path: Path, *, model: nn.Module, optimizer: Any, scheduler: 
         if scaler is not None and (path / "scaler.pt").is_file() else None
     rng = load_rng(path)
     load_trainable_state(model, load_file(str(path / WEIGHTS)))
-    optimizer.load_state_dict(optim_state)
+    load_optimizer_state(optimizer, optim_state)
     scheduler.load_state_dict(sched_state)
     if scaler_state is not None:
         scaler.load_state_dict(scaler_state)

@@ -217,14 +217,15 @@ class ClassifyObjective:
         targets = [self._onehot_targets(h, rows) for h in self.heads]
         return head_thresholds(self.heads, targets, probs, self.cfg.eval.thresholds)
 
-    def save(self, out_dir: Path, val_batches: Iterable[Batch]) -> dict[str, Any]:
+    def save(self, out_dir: Path, val_batches: Iterable[Batch],
+             state_dict: dict[str, Tensor] | None = None) -> dict[str, Any]:
         """Thresholds on the gathered val predictions (every process); the model written by
-        the main process only."""
+        the main process only (``state_dict``: its whole weights under FSDP)."""
         heads = self.thresholds(val_batches)
         if self.accelerator.is_main_process:
             from medsig.models.artifact import Preprocessing, write_image_processor
 
-            export_model(self.model, out_dir, merge=True)
+            export_model(self.model, out_dir, merge=True, state_dict=state_dict)
             if self.preprocess.mode in ("pad", "resize"):
                 # plain transformers reproduces medsig's pad / resize exactly
                 write_image_processor(out_dir, Preprocessing.of(self.preprocess))

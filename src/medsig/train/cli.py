@@ -19,6 +19,7 @@ RESUME_OPT = typer.Option(False, "--resume", help="Continue from OUT/checkpoints
 def run(objective: str, config: Path | None, sets: list[str] | None, spec: Path | None,
         model: str | None, out: Path | None, resume: bool) -> Path:
     """Merge the config file, direct flags and --set overrides, then train."""
+    from medsig.train.distributed import world
     from medsig.train.loop import train
 
     overrides: list[str] = [f"objective={objective}"]
@@ -27,7 +28,8 @@ def run(objective: str, config: Path | None, sets: list[str] | None, spec: Path 
             overrides.append(f"{key}={Path(value).resolve() if key != 'model' else value}")
     overrides.extend(sets or [])
     path = train(config if config is not None else {}, overrides=overrides, resume=resume)
-    typer.echo(f"model folder: {path}")
+    if world()[0] == 0:  # one line under several processes
+        typer.echo(f"model folder: {path}")
     return path
 
 

@@ -301,11 +301,14 @@ class ContrastiveObjective:
         return int(self._embed_texts(["x"]).shape[1])
 
     # -- output ----------------------------------------------------------------------------
-    def save(self, out_dir: Path, val_batches: Iterable[Batch]) -> dict[str, Any]:
-        """Write the model (main process only); the heads and prompts for medsig.json."""
+    def save(self, out_dir: Path, val_batches: Iterable[Batch],
+             state_dict: dict[str, Tensor] | None = None) -> dict[str, Any]:
+        """Write the model (main process only; ``state_dict``: its whole weights under FSDP);
+        the heads and prompts for medsig.json."""
         if self.accelerator.is_main_process:
             lora = self.cfg.adapt.lora
-            export_model(self.model, out_dir, merge=lora.merge, base_name=self.cfg.model)
+            export_model(self.model, out_dir, merge=lora.merge, base_name=self.cfg.model,
+                         state_dict=state_dict)
             self.encoder.tokenizer.save_pretrained(out_dir)
             self.encoder.image_processor.save_pretrained(out_dir)
             write_record(out_dir, self.encoder.family, self.encoder.preprocess)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import queue
 import random
 import threading
@@ -178,6 +179,18 @@ def shard(rows: Sequence[Any], rank: int, world: int) -> list[Any]:
     base, extra = divmod(len(rows), world)
     start = rank * base + min(rank, extra)
     return list(rows[start:start + base + (1 if rank < extra else 0)])
+
+
+def eval_batches(n: int, size: int, rank: int = 0, world: int = 1, lockstep: bool = False
+                 ) -> list[list[int]]:
+    """This process's contiguous share of rows 0..n-1, in batches of at most ``size``.
+    ``lockstep`` (FSDP, where every forward is a collective): every process gets the
+    same number of batches, that of the longest share (n >= world: none is empty)."""
+    mine = shard(range(n), rank, world)
+    if not lockstep:
+        return [mine[i:i + size] for i in range(0, len(mine), size)]
+    count = math.ceil(math.ceil(n / world) / size)
+    return [part.tolist() for part in np.array_split(np.asarray(mine, dtype=int), count)]
 
 
 # ----------------------------------------------------------------------------- images
@@ -358,7 +371,3 @@ def training_threads(configured: int | None, workers: int, device: str) -> Itera
         yield wanted
     finally:
         torch.set_num_threads(before)
-
-
-def eval_batches(n: int, batch_size: int) -> list[list[int]]:
-    return [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]

@@ -139,7 +139,64 @@ def global_batch(rows: list[int], feats: list[Tensor], ghost: bool = False
 
 def no_sync_unless(accelerator: Any, module: Any, last: bool) -> Any:
     """DDP's no_sync (gradients accumulate locally) on every micro-batch but the last, so
-    gradients are all-reduced once per optimizer step."""
+    gradients are all-reduced once per optimizer step. A sharded (FSDP) module reduces every
+    micro-batch: accumulating locally would keep whole, unsharded gradients."""
     import contextlib
 
-    return contextlib.nullcontext() if last else accelerator.no_sync(module)
+    if last or is_sharded(module):
+        return contextlib.nullcontext()
+    return accelerator.no_sync(module)
+
+
+# ----------------------------------------------------------------------------- FSDP tensors
+def is_sharded(module: Any) -> bool:
+    """Whether ``module`` is or holds an FSDP (fully_shard) unit."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in module.modules())
+
+
+def whole(t: Tensor) -> Tensor:
+    """The whole tensor of an FSDP shard (a collective: every process calls it, in the same
+    order); any other tensor as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def shard_like(full: Tensor, like: Tensor) -> Tensor:
+    """``full`` (the same on every process) cut like the parameter ``like`` (its shard on
+    this process; no communication), or moved to its device when ``like`` is whole."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    full = full.to(like.device)
+    if not isinstance(like, DTensor):
+        return full
+    return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None)
+
+
+def _optimizer_params(optimizer: Any) -> list[Tensor]:
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def optimizer_state(optimizer: Any, keep: bool = True) -> dict[str, Any]:
+    """``optimizer.state_dict()`` with whole tensors (the same file with or without FSDP).
+    Under FSDP every process calls it (a gather per tensor); only the main one need `keep`."""
+    raw = optimizer.state_dict()
+    state = {}
+    for i, s in raw["state"].items():
+        s = {k: whole(v) if isinstance(v, Tensor) else v for k, v in s.items()}
+        if keep:
+            state[i] = s
+    return {**raw, "state": state}
+
+
+def load_optimizer_state(optimizer: Any, raw: dict[str, Any]) -> None:
+    """Load a state written by `optimizer_state`, each tensor cut like its parameter."""
+    params = _optimizer_params(optimizer)
+    state = {}
+    for i, s in raw["state"].items():
+        p = params[int(i)] if int(i) < len(params) else None
+        state[i] = {k: shard_like(v, p) if p is not None and isinstance(v, Tensor)
+                    and v.shape == p.shape else v for k, v in s.items()}
+    optimizer.load_state_dict({**raw, "state": state})

@@ -4,7 +4,8 @@ Mixed precision (bf16 where the GPU has it, fp16 with loss scaling otherwise, fp
 gradient accumulation, AdamW + cosine schedule with warm-up, clipping, checkpoints every
 epoch / N steps with exact resume, validation, best-checkpoint selection, early stopping,
 CSV + TensorBoard logs, and the output folder of the "Training outputs" contract.
-Data-parallel over several processes (DDP through accelerate): docs/scaling.md.
+Data-parallel over several processes (DDP through accelerate, or FSDP from an accelerate
+config: medsig.train.fsdp): docs/scaling.md.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -25,6 +25,8 @@ from tqdm.auto import tqdm
 from medsig.errors import ConfigError, MedsigError
 from medsig.progress import progress_bar
 from medsig.train import checkpoint as ckpt
+from medsig.train.adapt import full_state_dict
+from medsig.train.checkpoint import TrainState
 from medsig.train.config import TrainConfig, dump_config, load_config
 from medsig.train.data import (
     Batch,
@@ -32,6 +34,7 @@ from medsig.train.data import (
     RowImages,
     TrainData,
     epoch_pool,
+    eval_batches,
     load_train_data,
     loader_workers,
     micro_batches,
@@ -39,14 +42,14 @@ from medsig.train.data import (
     shard,
     training_threads,
 )
-from medsig.train.distributed import broadcast, merge_counters, sum_counts, world
+from medsig.train.distributed import broadcast, is_sharded, merge_counters, sum_counts, world
+from medsig.train.fsdp import reshard, sync_replicated
 from medsig.train.metrics_log import StepLosses
 from medsig.train.runtime import (
     RunLog,
     check_out,
     check_same_config,
     make_accelerator,
-    make_optimizer,
     prepare,
     reset_accelerate,
 )
@@ -57,7 +60,7 @@ class Objective(Protocol):
 
     name: str
     model: nn.Module  # the adapted model (what is saved)
-    net: nn.Module  # the module trained through (prepared, so DDP-wrapped, by the loop)
+    net: nn.Module  # the module trained through (prepared: DDP-wrapped or FSDP-sharded)
     find_unused_parameters: bool  # DDP: some trainable parameter may get no gradient
     report: Any
     preprocess: Callable[[Any], Tensor]
@@ -70,7 +73,9 @@ class Objective(Protocol):
     # of every val row (gathered), equal on every process; files come from the main process
     def step(self, batches: list[Batch]) -> Tensor: ...
     def evaluate(self, val_batches: Iterable[Batch]) -> dict[str, float]: ...
-    def save(self, out_dir: Path, val_batches: Iterable[Batch]) -> dict[str, Any]: ...
+    # state_dict: the model's whole weights under FSDP (main process), else None
+    def save(self, out_dir: Path, val_batches: Iterable[Batch],
+             state_dict: dict[str, Tensor] | None = None) -> dict[str, Any]: ...
 
 
 def build_objective(cfg: TrainConfig, data: TrainData, accelerator: Any) -> Objective:
@@ -86,32 +91,6 @@ def build_objective(cfg: TrainConfig, data: TrainData, accelerator: Any) -> Obje
 def _say(accelerator: Any, message: str) -> None:
     if accelerator.is_main_process:
         tqdm.write(message)
-
-
-# ----------------------------------------------------------------------------- state
-@dataclass
-class TrainState:
-    """Everything a checkpoint must restore to continue a run exactly (state.json)."""
-
-    step: int = 0  # optimizer steps done
-    epoch: int = 0  # epochs finished
-    batch: int = 0  # step batches of the current epoch's plan done
-    plan: list[list[int]] | None = None  # the current epoch's global step batches
-    best: float | None = None
-    best_metrics: dict[str, Any] | None = None
-    bad_evals: int = 0
-    history: list[dict[str, Any]] = field(default_factory=list)
-    start_metrics: dict[str, float] | None = None
-    last_metrics: dict[str, float] | None = None
-    stopped_early: bool = False
-    skipped: dict[str, int] = field(default_factory=dict)  # all processes, at the last save
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> TrainState:
-        return cls(**{f.name: raw[f.name] for f in fields(cls) if f.name in raw})
 
 
 # ----------------------------------------------------------------------------- training
@@ -164,9 +143,13 @@ class Trainer:
         self.objective = build_objective(cfg, self.data, acc)
         self.say(f"medsig train {cfg.objective}: {self.objective.report}"
                  + (f" ({self.world} processes)" if self.world > 1 else ""))
-        optimizer = make_optimizer(self.objective.model, cfg)
         self.objective.net, self.optimizer = prepare(
-            acc, self.objective.net, optimizer, self.objective.find_unused_parameters)
+            acc, cfg, self.objective.model, self.objective.net,
+            self.objective.find_unused_parameters)
+        self.sharded = is_sharded(self.objective.net)  # FSDP: medsig.train.fsdp
+        if self.sharded and min(len(self.data.val), len(self.data.train)) < self.world:
+            raise ConfigError(f"FSDP over {self.world} processes needs at least {self.world} "
+                              "train and val rows (every process runs every forward)")
         self._schedule()
         self.state = TrainState()
         self.resumed = resume and (self.last / ckpt.STATE).is_file()
@@ -250,9 +233,9 @@ class Trainer:
             yield b
 
     def _my_rows(self, n: int) -> list[list[int]]:
-        """This process's contiguous share of rows 0..n-1, in evaluation batches."""
-        mine = shard(range(n), self.rank, self.world)
-        return [mine[i:i + self.eval_bs] for i in range(0, len(mine), self.eval_bs)]
+        """This process's contiguous share of rows 0..n-1, in evaluation batches (under
+        FSDP the same number of batches on every process)."""
+        return eval_batches(n, self.eval_bs, self.rank, self.world, lockstep=self.sharded)
 
     def val_batches(self) -> Iterable[Batch]:
         """This process's val rows (each val row is read by one process)."""
@@ -267,6 +250,7 @@ class Trainer:
         pool = epoch_pool(self.data.train, self.cfg, self.data.labels, epoch)
         plan = self.objective.plan(epoch, pool, self.step_size,
                                    seed_of(self.cfg.seed, "order", epoch), self.plain_train)
+        reshard(self.objective.net)  # FSDP: hard-negative mining embedded the rows
         return broadcast(plan)
 
     def _my_slice(self, micro_batch: list[int]) -> tuple[list[int], bool]:
@@ -356,6 +340,7 @@ class Trainer:
         """Clip, step, schedule, log (the loss is read every few steps, see StepLosses);
         a checkpoint every `eval.save_every_steps`."""
         state, acc, cfg = self.state, self.accelerator, self.cfg
+        sync_replicated(self.objective.net)
         if cfg.optim.grad_clip is not None:
             acc.clip_grad_norm_(self.objective.net.parameters(), cfg.optim.grad_clip)
         self.optimizer.step()
@@ -413,6 +398,7 @@ class Trainer:
         state, cfg = self.state, self.cfg
         self.read_losses()
         metrics = self.objective.evaluate(self.val_batches())
+        reshard(self.objective.net)  # FSDP: shards again before weights are read
         if cfg.metric not in metrics:
             raise ConfigError(f"eval.best_metric '{cfg.metric}' is not computed by objective "
                               f"'{cfg.objective}' (available: {', '.join(sorted(metrics))})")
@@ -424,8 +410,11 @@ class Trainer:
         if better:
             state.best, state.bad_evals = value, 0
             state.best_metrics = {**metrics, "step": state.step, "epoch": epoch}
-            if self.accelerator.is_main_process:
-                ckpt.save_weights(self.best_dir, self.objective.model, state.best_metrics)
+            main = self.accelerator.is_main_process
+            weights = ckpt.gathered(self.objective.model, None, main) if self.sharded else None
+            if main:
+                ckpt.save_weights(self.best_dir, self.objective.model, state.best_metrics,
+                                  weights=weights[0] if weights else None)
         elif candidate:
             state.bad_evals += 1
         self.say(f"eval step {state.step}: " + ", ".join(
@@ -443,10 +432,14 @@ class Trainer:
         self.read_losses()
         self.state.skipped = self._skipped()
         self.log.flush()
-        if self.accelerator.is_main_process:
+        main = self.accelerator.is_main_process
+        gathered = ckpt.gathered(self.objective.model, self.optimizer, main) \
+            if self.sharded else None  # FSDP: every process takes part
+        if main:
             ckpt.save_checkpoint(self.last, model=self.objective.model,
                                  optimizer=self.optimizer, scheduler=self.scheduler,
-                                 scaler=self.accelerator.scaler, state=self.state.to_dict())
+                                 scaler=self.accelerator.scaler, state=self.state.to_dict(),
+                                 gathered=gathered)
 
 
 def _finish(cfg: TrainConfig, data: TrainData, objective: Objective, accelerator: Any,
@@ -457,9 +450,12 @@ def _finish(cfg: TrainConfig, data: TrainData, objective: Objective, accelerator
     from medsig.train.output import build_artifact, write_outputs
 
     accelerator.wait_for_everyone()  # the main process has written the best weights
+    reshard(objective.net)
     if (best / ckpt.WEIGHTS).is_file():
         ckpt.load_weights(best, objective.model)
-    extras = objective.save(out, val_batches())
+    whole = full_state_dict(objective.model, keep=accelerator.is_main_process) \
+        if is_sharded(objective.model) else None  # FSDP: gathered by every process
+    extras = objective.save(out, val_batches(), whole)
     if not accelerator.is_main_process:
         return out
     metrics = {"start": state.start_metrics, "val": state.best_metrics,
@@ -472,7 +468,8 @@ def _finish(cfg: TrainConfig, data: TrainData, objective: Objective, accelerator
                                                 str(accelerator.mixed_precision)),
                 "device": str(accelerator.device), "skipped_images": state.skipped,
                 "adapt": objective.report.to_dict(),
-                "processes": accelerator.num_processes}
+                "processes": accelerator.num_processes,
+                "sharded": is_sharded(objective.model)}  # FSDP
     write_outputs(out, build_artifact(cfg, out, data.collection, data.counts, extras["heads"],
                                       objective.preprocess, prompts=extras["prompts"],
                                       metrics=metrics, training=training))

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import csv
-import os
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +13,10 @@ from torch import nn
 from medsig.errors import ConfigError
 from medsig.models.device import select_device, training_precision
 from medsig.train.config import TrainConfig, load_config
+from medsig.train.fsdp import check_supported, fsdp_requested, fsdp_settings, shard
 from medsig.train.optim import adamw
 
-# accelerate's distributed types whose parameters stay whole on every process
+# accelerate's distributed types whose parameters stay whole on every process (DDP)
 UNSHARDED = ("NO", "MULTI_CPU", "MULTI_GPU", "MULTI_XPU", "MULTI_NPU",
              "MULTI_MLU", "MULTI_SDAA", "MULTI_MUSA", "MULTI_HPU", "MULTI_NEURON")
 NO_DECAY = ("bias", "norm", "logit_scale", "logit_bias", "position_embedding", "probe")
@@ -32,7 +32,8 @@ def reset_accelerate() -> None:
 
 
 def make_accelerator(cfg: TrainConfig) -> Any:
-    """The run's Accelerator; under `accelerate launch` / `torchrun` one per process (DDP)."""
+    """The run's Accelerator; under `accelerate launch` / `torchrun` one per process (DDP,
+    or FSDP with an accelerate FSDP config)."""
     from accelerate import Accelerator
 
     if cfg.device not in ("auto", "cpu", "cuda", "mps"):
@@ -43,23 +44,28 @@ def make_accelerator(cfg: TrainConfig) -> Any:
                               mixed_precision=training_precision(cfg.precision, device),
                               step_scheduler_with_optimizer=False)
     kind = accelerator.distributed_type.value
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true", "yes"):
-        kind = "FSDP"  # on CPU accelerate falls back to MULTI_CPU, transformers does not
-    if kind not in UNSHARDED:
-        raise ConfigError(f"accelerate '{kind}' is not supported yet: checkpoints and the "
-                          "saved model read whole (unsharded) parameters; use DDP "
-                          "(accelerate launch --multi_gpu, or torchrun), see docs/scaling.md")
+    if kind not in UNSHARDED and not fsdp_requested(accelerator):
+        raise ConfigError(f"accelerate '{kind}' is not supported: use DDP (accelerate launch "
+                          "--multi_gpu, or torchrun) or FSDP (an accelerate config with "
+                          "distributed_type: FSDP), see docs/scaling.md")
     return accelerator
 
 
-def prepare(accelerator: Any, module: nn.Module, optimizer: torch.optim.Optimizer,
+def prepare(accelerator: Any, cfg: TrainConfig, model: nn.Module, net: nn.Module,
             find_unused_parameters: bool) -> tuple[nn.Module, Any]:
-    """accelerate's prepare (DDP-wraps the module under several processes)."""
+    """The trained module and its optimizer: DDP-wrapped by accelerate's prepare, or, under
+    an FSDP launch, sharded (medsig.train.fsdp) and then given a new optimizer over the
+    shards. ``model`` is the adapted model inside ``net`` (what the optimizer trains)."""
     from accelerate.utils import DistributedDataParallelKwargs
 
+    settings = fsdp_settings(accelerator)
+    if settings is not None:
+        check_supported(cfg, accelerator.mixed_precision)
+        net = shard(net, model, settings, accelerator.device)
+        return net, make_optimizer(model, cfg)
     accelerator.ddp_handler = DistributedDataParallelKwargs(
         find_unused_parameters=find_unused_parameters)
-    return accelerator.prepare(module, optimizer)
+    return accelerator.prepare(net, make_optimizer(model, cfg))
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
