@@ -25,6 +25,12 @@ that do not saturate the way probabilities do).
 bench/saliency.py measures the three against a random map (share of the map's mass inside
 the finding's mask); occlusion is the one that points at the finding there. ``to_image``
 maps a map on the model input back onto the original image (pad / resize / centre crop).
+
+SigLIP 2 NaFlex inputs (``Patches``): the map has the image's own grid shape
+``(rows * p, cols * p)``, not a square. Occlusion fills windows of k x k real patches on
+that grid (k = 1/8 of the shorter side, at least 2; padding rows untouched); Grad-CAM and
+rollout read the real tokens only, on the (rows, cols) grid of ``spatial_shapes``;
+``overlay_png`` draws on the patches put back on their grid (``Patches.images``).
 """
 
 from __future__ import annotations
@@ -131,6 +137,36 @@ def _normalised(cam: torch.Tensor) -> np.ndarray:
     return (cam / top if top > 0 else cam).numpy()
 
 
+def _single(pixels: Patches) -> Patches:
+    """One image's patches (``pixel_values`` (N, P)), from one image or a batch of one."""
+    return pixels[0] if pixels.pixel_values.dim() == 3 else pixels
+
+
+def _grid(pixels: Patches) -> tuple[int, int, int]:
+    """(rows, cols, patch side) of one image's patches."""
+    rows, cols = (int(v) for v in _single(pixels).spatial_shapes.tolist())
+    return rows, cols, int(round((pixels.pixel_values.shape[-1] / 3) ** 0.5))
+
+
+def _patch_tokens(tokens: torch.Tensor, pixels: Any) -> torch.Tensor:
+    """The patch tokens of ``tokens`` (N, ...): NaFlex's real ones, else without a CLS token."""
+    if isinstance(pixels, Patches):
+        rows, cols, _ = _grid(pixels)
+        return tokens[:rows * cols]
+    return tokens[1:] if _has_cls(tokens) else tokens
+
+
+def _token_map(tokens: torch.Tensor, pixels: Any) -> torch.Tensor:
+    """Per-token values -> (H, W) on the model input: the image's own (rows, cols) grid of
+    real tokens for NaFlex patches, a square grid (CLS dropped) for a pixel tensor."""
+    if not isinstance(pixels, Patches):
+        return _upsampled(tokens, tuple(pixels.shape[-2:]))
+    rows, cols, p = _grid(pixels)
+    grid = tokens[:rows * cols].reshape(1, 1, rows, cols).float()
+    return F.interpolate(grid, size=(rows * p, cols * p), mode="bilinear",
+                         align_corners=False)[0, 0]
+
+
 def _upsampled(tokens: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """(tokens,) patch values (a CLS token first is dropped) -> (H, W), bilinear with
     pixel centres aligned (patch i covers pixels [i p, (i + 1) p))."""
@@ -141,12 +177,14 @@ def _upsampled(tokens: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 def saliency_map(predictor: Any, pixels: torch.Tensor, column: int,
                  method: str = DEFAULT_METHOD) -> np.ndarray | None:
-    """(H, W) map in [0, 1] on the model input ``pixels`` (3, H, W) for output ``column``;
-    None when ``method`` cannot explain this model (gradients of a zero-shot model) or the
-    input (NaFlex patches: not yet)."""
-    if isinstance(pixels, Patches):
-        return None
+    """(H, W) map in [0, 1] on the model input ``pixels`` (3, H, W) for output ``column``
+    (NaFlex ``Patches``: (rows * p, cols * p)); None when ``method`` cannot explain this
+    model (gradients of a zero-shot model)."""
     method = resolve_method(predictor, method)
+    if isinstance(pixels, Patches):
+        pixels = _single(pixels)
+        if method == "occlusion":
+            return patch_occlusion(predictor, pixels, column)
     if method == "occlusion":
         return occlusion(predictor, pixels, column)
     if method == "gradcam":
@@ -189,11 +227,47 @@ def occlusion(predictor: Any, pixels: torch.Tensor, column: int, window: int | N
         for b, (y, x) in enumerate(boxes[i:i + batch_size]):
             batch[b, :, y:y + window, x:x + window] = fill
         drops.append((base - score(batch).double().cpu()).clamp(min=0))
-    total, count = torch.zeros(h, w, dtype=torch.float64), torch.zeros(h, w)
-    for d, (y, x) in zip(torch.cat(drops), boxes):
+    return _normalised(_credited(torch.cat(drops), boxes, window, (h, w)))
+
+
+@torch.no_grad()
+def patch_occlusion(predictor: Any, pixels: Patches, column: int, window: int | None = None,
+                    stride: int | None = None, batch_size: int = 32) -> np.ndarray | None:
+    """Occlusion on one image's NaFlex patches: windows of ``window`` x ``window`` real
+    patches on its own grid (default 1/8 of the shorter side, at least 2, stride half of
+    it) filled with the image's mean colour; a (rows * p, cols * p) map."""
+    score = score_function(predictor, column, differentiable=False)
+    if score is None:
+        return None
+    one = _single(pixels)
+    rows, cols, p = _grid(one)
+    n, values = rows * cols, one.pixel_values
+    window = window or min(rows, cols, max(2, min(rows, cols) // 8))
+    stride = stride or max(1, window // 2)
+    boxes = [(y, x) for y in _starts(rows, window, stride) for x in _starts(cols, window, stride)]
+    fill = values[:n].unflatten(-1, (-1, 3)).mean(dim=(0, 1)).repeat(p * p)  # (p, p, 3) rows
+    base = float(score(one[None])[0])
+    drops = []
+    for i in range(0, len(boxes), batch_size):
+        chunk = boxes[i:i + batch_size]
+        batch = values[None].repeat(len(chunk), 1, 1)
+        for b, (y, x) in enumerate(chunk):
+            batch[b, :n].view(rows, cols, -1)[y:y + window, x:x + window] = fill
+        masks, shapes = (t[None].repeat(len(chunk), 1)
+                         for t in (one.pixel_attention_mask, one.spatial_shapes))
+        drops.append((base - score(Patches(batch, masks, shapes)).double().cpu()).clamp(min=0))
+    cam = _credited(torch.cat(drops), boxes, window, (rows, cols))
+    return _normalised(cam.repeat_interleave(p, 0).repeat_interleave(p, 1))
+
+
+def _credited(drops: torch.Tensor, boxes: list[tuple[int, int]], window: int,
+              shape: tuple[int, int]) -> torch.Tensor:
+    """Each cell credited with the mean drop of the windows covering it."""
+    total, count = torch.zeros(shape, dtype=torch.float64), torch.zeros(shape)
+    for d, (y, x) in zip(drops, boxes):
         total[y:y + window, x:x + window] += d
         count[y:y + window, x:x + window] += 1
-    return _normalised(total / count.clamp(min=1))
+    return total / count.clamp(min=1)
 
 
 def _starts(length: int, window: int, stride: int) -> list[int]:
@@ -230,10 +304,9 @@ def grad_cam(predictor: Any, pixels: torch.Tensor, column: int) -> np.ndarray | 
         act, grad = kept["in"][0], g_in
     if grad is None:
         return None
-    act, grad = act.detach().float(), grad[0].float()
-    cam = F.relu((act * grad[1:].mean(dim=0) if _has_cls(act) else act * grad.mean(dim=0))
-                 .sum(dim=1))
-    return _normalised(_upsampled(cam, tuple(pixels.shape[-2:])))
+    act = _patch_tokens(act.detach().float(), pixels)
+    cam = F.relu((act * _patch_tokens(grad[0].float(), pixels).mean(dim=0)).sum(dim=1))
+    return _normalised(_token_map(cam, pixels))
 
 
 def _has_cls(tokens: torch.Tensor) -> bool:
@@ -301,13 +374,14 @@ def rollout(predictor: Any, pixels: torch.Tensor, column: int) -> np.ndarray | N
         rel = rel + (g[0].float() * a[0].detach().float()).clamp(min=0).mean(dim=0) @ rel
     weight = g_out[0].float().norm(dim=-1)
     weight = weight / weight.sum().clamp(min=1e-12)
-    return _normalised(_upsampled(weight @ (rel - torch.eye(n)), tuple(pixels.shape[-2:])))
+    return _normalised(_token_map(weight @ (rel - torch.eye(n)), pixels))
 
 
 def to_image(cam: np.ndarray, image_size: tuple[int, int], preprocess: Any) -> np.ndarray:
     """A (S, S) map on the model input -> (height, width) on the original image, undoing
     the preprocessing's geometry: pad-to-square, squash-resize or shortest-edge + centre
-    crop (outside the crop: 0, the model did not see it)."""
+    crop (outside the crop: 0, the model did not see it); a NaFlex map (its own aspect,
+    no crop) is resized."""
     w, h = image_size
     s = cam.shape[0]
     t = torch.as_tensor(np.asarray(cam, np.float32))[None, None]
@@ -336,13 +410,16 @@ def to_image(cam: np.ndarray, image_size: tuple[int, int], preprocess: Any) -> n
     return F.interpolate(t, size=(h, w), mode="bilinear", align_corners=False)[0, 0].numpy()
 
 
-def overlay_png(pixels: torch.Tensor, cam: np.ndarray, preprocess: Any) -> str:
-    """Base64 PNG: the (de-normalised) model input with the map as a translucent heat map."""
+def overlay_png(pixels: torch.Tensor | Patches, cam: np.ndarray, preprocess: Any) -> str:
+    """Base64 PNG: the (de-normalised) model input with the map as a translucent heat map
+    (NaFlex patches: put back on the image's own grid)."""
     from matplotlib import colormaps
     from PIL import Image
 
     mean = np.asarray(getattr(preprocess, "mean", [0.5] * 3), np.float32).reshape(-1, 1, 1)
     std = np.asarray(getattr(preprocess, "std", [0.5] * 3), np.float32).reshape(-1, 1, 1)
+    if isinstance(pixels, Patches):
+        pixels = pixels.images()[0]
     img = np.clip(pixels.detach().float().cpu().numpy() * std + mean, 0, 1).transpose(1, 2, 0)
     heat = colormaps["jet"](np.clip(cam, 0, 1))[..., :3]
     a = 0.45 * np.clip(cam, 0, 1)[..., None]
