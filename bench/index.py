@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # this checkout's medsig
 GOALS = {"search_p95_ms": 10.0, "filtered_p95_ms": 25.0, "recall": 0.95, "points_per_s": 1e4}
 SPLITS, URGENCY = ["train", "val", "test"], ["ok", "needs attention", "urgent"]
 CONDITIONS = ["burn", "ulcer", "laceration", "surgical", "abrasion"]
