@@ -21,7 +21,7 @@ from qdrant_client import models
 from medsig.errors import ConfigError
 from medsig.system import available_cores
 
-FORMAT = 1
+FORMAT = 2  # 1: int8 codes and a graph at any size (kept as they were written)
 # Chosen with bench/index.py (docs/indexing.md), on clustered 768-d points at 10k and 100k:
 # - every vector is quantized to 4 bits (TurboQuant, kept in RAM); the top hits are rescored
 #   with the float32 vectors (OVERSAMPLING candidates per hit);
@@ -123,7 +123,8 @@ class EdgeCollection:
         """Merge and quantize segments now (blocks), then flush; from GRAPH_POINTS points on,
         switch the collection to an HNSW graph (built here, once)."""
         info = self.info()
-        if not info.get("graph") and self.count() >= GRAPH_POINTS:
+        if info.get("format") == FORMAT and not info.get("graph") and \
+                self.count() >= GRAPH_POINTS:
             self.close()
             self._shard = _open(lambda: qe.EdgeShard.load(
                 str(self.shard_dir), edge_config(info["vectors"], graph=True)), self.dir)
