@@ -6,7 +6,7 @@ Engines, each through medsig's own collection classes (so what is measured is wh
   edge      Qdrant Edge with medsig's defaults (index/edge.py): 4-bit TurboQuant codes
             rescored with float32, and below 250k points no HNSW graph (a scan of the codes)
   edge-hnsw the same with the HNSW graph medsig builds from 250k points (m=16,
-            ef_construct=64, payload-aware links on split / labels.*) forced at any size
+            ef_construct=128, payload-aware links on split / labels.*) forced at any size
   edge-f32  Qdrant Edge as plainly configured: float32, HNSW on both vectors
 Data: n points drawn around 200 cluster centres (two vectors per point, `image` and
 `text`, like medsig's layout), payload like medsig's (id, split 70/15/15, group,
