@@ -4,8 +4,8 @@ Engines, each through medsig's own collection classes (so what is measured is wh
 `medsig embed` / `search` / `serve` do), each in its own process (clean peak memory):
   local     qdrant-client local mode (medsig's engine before; sqlite WAL as medsig set it)
   edge      Qdrant Edge with medsig's defaults (index/edge.py): 4-bit TurboQuant codes
-            rescored with float32, and below 250k points no HNSW graph (a scan of the codes)
-  edge-hnsw the same with the HNSW graph medsig builds from 250k points (m=16,
+            rescored with float32, and below 150k points no HNSW graph (a scan of the codes)
+  edge-hnsw the same with the HNSW graph medsig builds from 150k points (m=16,
             ef_construct=128, payload-aware links on split / labels.*) forced at any size
   edge-f32  Qdrant Edge as plainly configured: float32, HNSW on both vectors
 Data: n points drawn around 200 cluster centres (two vectors per point, `image` and
