@@ -3,8 +3,10 @@
 Engines, each through medsig's own collection classes (so what is measured is what
 `medsig embed` / `search` / `serve` do), each in its own process (clean peak memory):
   local     qdrant-client local mode (medsig's engine before; sqlite WAL as medsig set it)
-  edge      Qdrant Edge with medsig's defaults (index/edge.py): HNSW m=16, ef_construct=64
-            on `image`, int8 scalar quantization rescored with float32, search ef=128
+  edge      Qdrant Edge with medsig's defaults (index/edge.py): 4-bit TurboQuant codes
+            rescored with float32, and below 150k points no HNSW graph (a scan of the codes)
+  edge-hnsw the same with the HNSW graph medsig builds from 150k points (m=16,
+            ef_construct=128, payload-aware links on split / labels.*) forced at any size
   edge-f32  Qdrant Edge as plainly configured: float32, HNSW on both vectors
 Data: n points drawn around 200 cluster centres (two vectors per point, `image` and
 `text`, like medsig's layout), payload like medsig's (id, split 70/15/15, group,
@@ -35,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # this checkout's medsig
 GOALS = {"search_p95_ms": 10.0, "filtered_p95_ms": 25.0, "recall": 0.95, "points_per_s": 1e4}
 SPLITS, URGENCY = ["train", "val", "test"], ["ok", "needs attention", "urgent"]
 CONDITIONS = ["burn", "ulcer", "laceration", "surgical", "abrasion"]
@@ -76,6 +79,8 @@ def open_engine(engine: str, path: Path, name: str):
         return ServerCollection(QdrantClient(path=str(path)), name), _tune_local
     if engine == "edge-f32":
         edge.QUANTIZATION, edge.GRAPH_VECTORS = None, ("image", "text")
+    if engine in ("edge-f32", "edge-hnsw"):
+        edge.GRAPH_POINTS = 0  # the HNSW graph at any size
     return edge.EdgeCollection(path, name), None
 
 
@@ -86,7 +91,11 @@ def _tune_local(col) -> None:
     conn.execute("PRAGMA synchronous=NORMAL")
 
 
-def timed_queries(col, queries, where, truth, exclude=None) -> dict:
+def timed_queries(col, queries, where, truth, warmup: int = 10) -> dict:
+    """Latency and recall@10 over the queries, after `warmup` untimed ones (fresh segments
+    are memory-mapped: the first queries page them in)."""
+    for q in queries[:warmup]:
+        col.query(q, "image", 10, where)
     times, recalls = [], []
     for q, expected in zip(queries, truth):
         start = time.perf_counter()
@@ -156,13 +165,13 @@ def verdict(r: dict) -> str:
 
 
 def print_table(results: list[dict]) -> None:
-    head = (f"{'engine':8} {'n':>7} {'upsert/s':>9} {'build s':>8} {'e2e pts/s':>9} "
+    head = (f"{'engine':9} {'n':>7} {'upsert/s':>9} {'build s':>8} {'e2e pts/s':>9} "
             f"{'cpu s':>6} {'search p50/p95 ms':>18} {'rec@10':>6} {'filtered p50/p95 ms':>20} "
             f"{'rec@10':>6} {'peak MB':>8} {'open s':>6} {'reopen s':>8}  goals")
     print(head)
     for r in results:
         s, f = r["search"], r["filtered"]
-        print(f"{r['engine']:8} {r['n']:>7} {r['upserts_per_s']:>9.0f} {r['build_s']:>8.1f} "
+        print(f"{r['engine']:9} {r['n']:>7} {r['upserts_per_s']:>9.0f} {r['build_s']:>8.1f} "
               f"{r['points_per_s']:>9.0f} {r['write_cpu_s']:>6.1f} "
               f"{s['p50_ms']:>8.2f} / {s['p95_ms']:>7.2f} "
               f"{s['recall']:>6.3f} {f['p50_ms']:>9.2f} / {f['p95_ms']:>8.2f} "
@@ -177,7 +186,7 @@ def print_table(results: list[dict]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=10_000)
-    ap.add_argument("--engines", default="local,edge-f32,edge")
+    ap.add_argument("--engines", default="local,edge-f32,edge-hnsw,edge")
     ap.add_argument("--queries", type=int, default=100)
     ap.add_argument("--local-queries", type=int, default=20,
                     help="queries for local mode (about 1 s each at 100k)")

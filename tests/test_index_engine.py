@@ -213,3 +213,38 @@ def test_store_removed_before_exit_is_one_line_not_a_traceback(tmp_path, tiny_mo
     assert out.returncode == 0, out.stderr[-2000:]
     assert "Traceback" not in out.stderr and "Exception ignored" not in out.stderr
     assert "could not flush collection 'w'" in out.stderr
+
+
+@pytest.mark.parametrize("graph_points", [None, 1000])
+def test_flat_and_graph_search_find_the_exact_neighbours(tmp_path, monkeypatch, graph_points):
+    from medsig.index import edge
+
+    if graph_points:  # the graph, searched unfiltered; filters leaving < 2 MB scan exactly
+        monkeypatch.setattr(edge, "GRAPH_POINTS", graph_points)
+        monkeypatch.setattr(edge, "FULL_SCAN_KB", 2000)
+    rng = np.random.default_rng(0)
+    n, dim = 1500, 2048  # 12 MB of vectors: over the engine's threshold for optimizing
+    vecs = rng.normal(size=(n, dim)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    split = rng.choice(["train", "test"], n, p=[0.9, 0.1])
+    col = edge.EdgeCollection(tmp_path, "g")
+    col.create({"image": dim}, {"model": "m"}, {"split": "keyword", "id": "keyword"})
+    ids = [point_id(f"r{i}") for i in range(n)]
+    for s in range(0, n, 1024):
+        col.upsert(ids[s:s + 1024], {"image": vecs[s:s + 1024]},
+                   [{"id": f"r{i}", "split": str(split[i])} for i in range(s, min(n, s + 1024))])
+    assert col.optimize()
+    col.close()
+    col = edge.EdgeCollection(tmp_path, "g")  # re-opened: the same index
+    assert bool(col.info().get("graph")) == bool(graph_points)
+    config = json.loads((col.shard_dir / "edge_config.json").read_text())
+    assert config["vectors"]["image"]["hnsw_config"]["m"] == (16 if graph_points else 0)
+    where = parse_where(["split=test"])
+    for q in (3, 77, 1400):
+        hits = col.query(vecs[q], "image", 5, None)
+        assert str(hits[0].id) == ids[q]
+        scores = np.where(split == "test", vecs @ vecs[q], -np.inf)
+        expected = [ids[i] for i in np.argsort(-scores)[:5]]
+        assert [str(h.id) for h in col.query(vecs[q], "image", 5, where)] == expected
+    assert col.count() == n
+    col.close()

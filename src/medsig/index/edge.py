@@ -21,20 +21,28 @@ from qdrant_client import models
 from medsig.errors import ConfigError
 from medsig.system import available_cores
 
-FORMAT = 1
-# Chosen with bench/index.py (docs/indexing.md): an HNSW graph (m=16, ef_construct=64, built
-# on every core) on the `image` vectors, which searches use by default; int8 scalar
-# quantization (kept in RAM, top hits rescored with the float32 vectors) makes the graph
-# about 4x faster to build and scans cheaper. Other vectors (`text`) get no graph: searches
-# over them scan the quantized vectors exactly. Below ~10 MB of vectors per segment (about
-# 3,000 768-d points) and for filters that leave few points, Qdrant searches exactly.
-HNSW = {"m": 16, "ef_construct": 64, "full_scan_threshold": 10000, "payload_m": 16}
+FORMAT = 2  # 1: int8 codes and a graph at any size (kept as they were written)
+# Chosen with bench/index.py (docs/indexing.md), on clustered 768-d points at 10k and 100k:
+# - every vector is quantized to 4 bits (TurboQuant, kept in RAM); the top hits are rescored
+#   with the float32 vectors (OVERSAMPLING candidates per hit);
+# - below GRAPH_POINTS points there is no HNSW graph: a search scans the 4-bit codes of every
+#   point (exact up to the rescoring; at 100k a few ms, recall@10 ~1.0, filtered too), and
+#   `optimize` skips the graph build, which was most of the ingestion time (an HNSW graph at
+#   100k took 25-40 CPU s to build). From GRAPH_POINTS on, `optimize` builds an HNSW graph on
+#   `image` (searches use it by default; ef_construct 128: with 64 recall@10 at 100k varied
+#   0.93-0.98) with payload-aware links on the filtered fields (split, labels.*); filters
+#   that leave under FULL_SCAN_KB of vectors (~20,000 768-d points) are still searched exactly.
+# Segments searched in parallel (one thread each): two halve the time of a scan on 2 cores.
+SEGMENTS = max(2, min(8, available_cores()))
+GRAPH_POINTS = 150_000  # a 2-core scan grows ~linearly: ~4.4 ms p50 at 100k
+HNSW = {"m": 16, "ef_construct": 128, "payload_m": 16}
+FULL_SCAN_KB = 60_000
 GRAPH_VECTORS = ("image",)
-SEARCH_EF = 128
-OVERSAMPLING = 2.0  # quantized candidates per hit, rescored with float32
-QUANTIZATION: Any = qe.ScalarQuantizationConfig(type=qe.ScalarType.Int8, quantile=0.99,
-                                                always_ram=True)
-SCHEMAS = {"keyword": qe.PayloadSchemaType.Keyword, "integer": qe.PayloadSchemaType.Integer}
+SEARCH_EF = 256  # graph searches (from GRAPH_POINTS on)
+OVERSAMPLING = 3.0  # quantized candidates per hit, rescored with float32
+QUANTIZATION: Any = qe.TurboQuantQuantizationConfig(always_ram=True,
+                                                    bits=qe.TurboQuantBitSize.Bits4)
+LINKED = ("split",)  # with labels.*: the payload indexes that get payload-aware graph links
 
 
 def collection_dir(store: str | Path, name: str) -> Path:
@@ -92,7 +100,8 @@ class EdgeCollection:
         have = info.setdefault("payload_indexes", {})
         new = {k: v for k, v in indexes.items() if k not in have}
         for field, kind in new.items():
-            self.shard.update(qe.UpdateOperation.create_field_index(field, SCHEMAS[kind]))
+            self.shard.update(qe.UpdateOperation.create_field_index(field, index_params(field,
+                                                                                       kind)))
         if new:
             have.update(new)
             self._write_info(info)
@@ -111,7 +120,16 @@ class EdgeCollection:
                 shard.close()
 
     def optimize(self) -> bool:
-        """Merge segments and build the HNSW graph now (blocks), then flush."""
+        """Merge and quantize segments now (blocks), then flush; from GRAPH_POINTS points on,
+        switch the collection to an HNSW graph (built here, once)."""
+        info = self.info()
+        if info.get("format") == FORMAT and not info.get("graph") and \
+                self.count() >= GRAPH_POINTS:
+            self.close()
+            self._shard = _open(lambda: qe.EdgeShard.load(
+                str(self.shard_dir), edge_config(info["vectors"], graph=True)), self.dir)
+            info["graph"] = True
+            self._write_info(info)
         changed = bool(self.shard.optimize())
         self.shard.flush()
         return changed
@@ -130,8 +148,10 @@ class EdgeCollection:
 
     def upsert(self, ids: list[str], vectors: dict[str, np.ndarray],
                payloads: list[dict[str, Any]]) -> None:
+        # One float list per vector: the bindings convert lists about 2x faster than numpy
+        # rows (bench/index.py), and the conversion is most of an upsert's cost.
         arrays = {k: np.asarray(v, dtype=np.float32) for k, v in vectors.items()}
-        points = [qe.Point(pid, {k: a[i] for k, a in arrays.items()}, payloads[i])
+        points = [qe.Point(pid, {k: a[i].tolist() for k, a in arrays.items()}, payloads[i])
                   for i, pid in enumerate(ids)]
         self.shard.update(qe.UpdateOperation.upsert_points(points))
 
@@ -152,17 +172,28 @@ class EdgeCollection:
                                                   with_payload=True, with_vector=True))
 
 
-def edge_config(sizes: dict[str, int]) -> qe.EdgeConfig:
-    """Vectors (cosine), the HNSW graph where searches need it, quantization."""
+def edge_config(sizes: dict[str, int], graph: bool = False) -> qe.EdgeConfig:
+    """Vectors (cosine), 4-bit quantization, and (graph=True) the HNSW graph on `image`."""
     threads = available_cores()
-    graph = qe.HnswIndexConfig(max_indexing_threads=threads, **HNSW)
-    no_graph = qe.HnswIndexConfig(**{**HNSW, "m": 0, "payload_m": 0},
-                                  max_indexing_threads=threads)
+    flat = qe.HnswIndexConfig(m=0, ef_construct=HNSW["ef_construct"], payload_m=0,
+                              full_scan_threshold=FULL_SCAN_KB, max_indexing_threads=threads)
+    linked = qe.HnswIndexConfig(**HNSW, full_scan_threshold=FULL_SCAN_KB,
+                                max_indexing_threads=threads)
     vectors = {k: qe.EdgeVectorParams(size=int(v), distance=qe.Distance.Cosine,
-                                      hnsw_config=graph if k in GRAPH_VECTORS else no_graph)
+                                      hnsw_config=linked if graph and k in GRAPH_VECTORS
+                                      else flat)
                for k, v in sizes.items()}
-    return qe.EdgeConfig(vectors=vectors, hnsw_config=graph,
-                         quantization_config=QUANTIZATION)
+    return qe.EdgeConfig(vectors=vectors, hnsw_config=linked if graph else flat,
+                         quantization_config=QUANTIZATION,
+                         optimizers=qe.EdgeOptimizersConfig(default_segment_number=SEGMENTS))
+
+
+def index_params(field: str, kind: str) -> Any:
+    """A payload index; only the fields searches filter on get payload-aware graph links."""
+    linked = field in LINKED or field.startswith("labels.")
+    if kind == "integer":
+        return qe.IntegerIndexParams(lookup=True, range=True, enable_hnsw=linked)
+    return qe.KeywordIndexParams(enable_hnsw=linked)
 
 
 def _open(fn, where: Path) -> qe.EdgeShard:

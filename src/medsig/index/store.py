@@ -1,10 +1,10 @@
 """Vector store: Qdrant Edge embedded in the process (a folder) or a Qdrant server (a URL).
 
-A folder means the embedded engine (`index/edge.py`: Qdrant's own engine in-process, HNSW,
-payload indexes, write-ahead log); an http(s) URL means a Qdrant server through qdrant-client
-(`index/server.py`). Both hold the same layout: named vectors (`image`, `text`), the payload,
-stable point ids and payload indexes on the filtered fields. The engine was chosen with
-`bench/index.py` (docs/indexing.md).
+A folder means the embedded engine (`index/edge.py`: Qdrant's own engine in-process, 4-bit
+codes or an HNSW graph, payload indexes, write-ahead log); an http(s) URL means a Qdrant
+server through qdrant-client (`index/server.py`). Both hold the same layout: named vectors
+(`image`, `text`), the payload, stable point ids and payload indexes on the filtered fields.
+The engine was chosen with `bench/index.py` (docs/indexing.md).
 
 Each collection is opened once per process and kept open (an embedded shard may be opened by
 one process at a time); `close_store` closes what is open under a location, and everything
