@@ -10,7 +10,11 @@ screenshots of text. Prints AUROC per kind (goal >= 0.95) for the gate and for e
 alone, the share of each kind the gate refuses, and the false-reject rate on the wound test
 split; writes bench/results/ood.json.
 
-    .venv/bin/python bench/ood.py [--n 400] [--size 64] [--objective probe|classify] [--out F]
+    .venv/bin/python bench/ood.py [--n 400] [--size 64] [--objective probe|classify]
+        [--seed 0] [--out F]
+
+``--seed`` draws other generated wounds (and held-out images, seed + 1) to check that a
+choice made on one draw holds on others; the default reproduces bench/results/ood.json.
 """
 
 from __future__ import annotations
@@ -31,12 +35,13 @@ from medsig.models.ood import is_blank
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "covid-cxr"
 
 
-def train_wound_model(root: Path, n: int, size: int, objective: str, epochs: int) -> Path:
+def train_wound_model(root: Path, n: int, size: int, objective: str, epochs: int,
+                      seed: int = 0) -> Path:
     from medsig.data.synth import synthesize
     from medsig.models.tiny import write_tiny
 
     tiny = write_tiny(root / "tiny", arch="siglip", image_size=size, seed=0)
-    spec = synthesize("wound", root / "wound", n=n, seed=0, image_size=size)
+    spec = synthesize("wound", root / "wound", n=n, seed=seed, image_size=size)
     if objective == "probe":
         from medsig.train.probe import train_probe
 
@@ -77,19 +82,19 @@ def _auroc_ci(s_in: np.ndarray, s_out: np.ndarray) -> list[float]:
     return [round(r.low, 4), round(r.high, 4)]
 
 
-def held_out(root: Path, n: int, size: int) -> dict[str, list]:
+def held_out(root: Path, n: int, size: int, seed: int = 1) -> dict[str, list]:
     from medsig.data.collection import load_collection
     from medsig.data.synth import synthesize
 
     kinds: dict[str, list] = {}
     for kind in ("derm", "radiology"):
-        col = load_collection(synthesize(kind, root / kind, n=n, seed=1, image_size=size))
+        col = load_collection(synthesize(kind, root / kind, n=n, seed=seed, image_size=size))
         kinds[f"generated {kind}"] = [load_image(p) for p in col.image_paths]
     if SHARED.is_dir():
         kinds["real chest X-rays"] = [load_image(p) for p in
                                       sorted((SHARED / "images").glob("*"))[:n]]
     for kind in KINDS:
-        kinds[kind.replace("_", "-")] = outlier_images(kind, n, size=max(size, 96), seed=1)
+        kinds[kind.replace("_", "-")] = outlier_images(kind, n, size=max(size, 96), seed=seed)
     return kinds
 
 
@@ -100,6 +105,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--objective", choices=["probe", "classify"], default="probe")
     ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--seed", type=int, default=0, help="generated wounds' seed")
     ap.add_argument("--out", default=None, help="JSON file (default bench/results/ood.json)")
     args = ap.parse_args()
     from medsig.data.collection import load_collection
@@ -108,7 +114,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         start = time.perf_counter()
-        model = train_wound_model(root, args.n, args.size, args.objective, args.epochs)
+        model = train_wound_model(root, args.n, args.size, args.objective, args.epochs,
+                                  args.seed)
         trained = time.perf_counter() - start
         predictor = load_predictor(model)
         gate = predictor.safety.ood
@@ -125,7 +132,7 @@ def main() -> None:
         frr_channels = {c: float((gate.log_p({c: v})[c] < np.log(gate.false_reject)).mean())
                         for c, v in raw_in.items()} if gate.needs_stats else {}
         rows = {}
-        for kind, images in held_out(root, args.n_ood, args.size).items():
+        for kind, images in held_out(root, args.n_ood, args.size, args.seed + 1).items():
             raw_out = _scores(predictor, images)
             s_out = gate.combined(raw_out)
             served = gate.flag(s_out) | np.array([is_blank(im) for im in images])

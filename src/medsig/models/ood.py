@@ -6,11 +6,15 @@ al. 2018; Ledoit-Wolf-style shrinkage, weight 0.1), which measured best in ``ben
 Alternative (``method="knn"``): mean cosine distance to the ``k`` nearest of up to 4096
 train embeddings (Sun et al. 2022).
 
-Channel 2, ``image_stats`` (model-free, optional): the same shrunk Mahalanobis distance of
-the image's statistics (``medsig.data.image_stats``: colour, layout, texture, the region
-unlike the background), standardised per feature on the train split. An encoder that has
-not learnt what separates, say, a skin-lesion photo from a wound photo still sees colours,
-edges and shapes differ here.
+Channel 2, ``image_stats`` (model-free, optional): the image's statistics
+(``medsig.data.image_stats``: colour, layout, texture, the region unlike the background),
+standardised per feature on the train split and whitened with their shrunk covariance. The
+train images are several populations (kinds, sites, skin tones), so the default
+(``stats_method="knn"``) is a relative nearest-neighbour distance there: the mean distance
+to the ``STATS_K`` nearest train rows over those neighbours' own mean distance to theirs
+(LOF-like), squared; ``"mahalanobis"`` is one Gaussian (the distance to the mean; folders
+written before the option). An encoder that has not learnt what separates, say, a
+skin-lesion photo from a wound photo still sees colours, edges and shapes differ here.
 
 With both channels each channel's score becomes a p-value against the val split (the
 survival function of a gamma distribution fitted to the val scores by moments: a squared
@@ -41,6 +45,9 @@ DEFAULT_K = 5
 DEFAULT_METHOD = "mahalanobis"
 SHRINKAGE = 0.1
 STATS_SHRINKAGE = 0.02
+STATS_METHODS = ("knn", "mahalanobis")
+DEFAULT_STATS_METHOD = "knn"
+STATS_K = 10
 MAX_REFERENCE = 4096
 COMBINE = ("bonferroni", "fisher")
 DEFAULT_COMBINE = "bonferroni"
@@ -107,6 +114,7 @@ class OodGate:
     n_val: int = 0
     calibration: dict[str, list[float]] = field(default_factory=dict)
     combine: str = DEFAULT_COMBINE
+    stats_method: str = "mahalanobis"
 
     @property
     def dim(self) -> int:
@@ -140,15 +148,24 @@ class OodGate:
         return out
 
     def stats_score(self, stats: Any) -> np.ndarray:
-        """(n,) the image-statistics channel's raw score (shrunk Mahalanobis distance of the
-        standardised statistics)."""
+        """(n,) the image-statistics channel's raw score: relative kNN distance (``knn``) or
+        shrunk Mahalanobis distance (``mahalanobis``) of the standardised statistics."""
         a = self.arrays
         x = np.asarray(stats, dtype=np.float32)
         if x.ndim != 2 or x.shape[1] != a[_STATS + "mean"].shape[-1]:
             raise ConfigError(f"image statistics of shape {x.shape} do not match the OOD "
                               f"gate's {a[_STATS + 'mean'].shape[-1]} statistics")
         z = (x - a[_STATS + "center"]) / a[_STATS + "scale"]
-        return _mahalanobis(z, a[_STATS + "mean"], a[_STATS + "precision"])
+        if self.stats_method == "mahalanobis":
+            return _mahalanobis(z, a[_STATS + "mean"], a[_STATS + "precision"])
+        ref, radius = a[_STATS + "reference"], a[_STATS + "radius"]
+        dist, idx = _nearest((z - a[_STATS + "mean"]) @ a[_STATS + "whiten"], ref, self.k_stats)
+        return ((dist.mean(axis=1) / radius[idx].mean(axis=1)) ** 2).astype(np.float32)
+
+    @property
+    def k_stats(self) -> int:
+        """Neighbours of the kNN image-statistics channel (fewer for a tiny train split)."""
+        return max(1, min(STATS_K, len(self.arrays.get(_STATS + "reference", ())) - 1))
 
     def channel_scores(self, emb: Any, stats: Any = None) -> dict[str, np.ndarray]:
         """Raw score per channel (name -> (n,))."""
@@ -187,10 +204,14 @@ class OodGate:
                   if self.method == "mahalanobis" else
                   f"mean cosine distance to the {self.k} nearest train embeddings")
         if self.needs_stats:
-            method = (f"-log10 p ({self.combine}) of two channels: {method}; Mahalanobis "
-                      f"distance of the image statistics (shrinkage {STATS_SHRINKAGE})")
+            stats = (f"relative distance to the {self.k_stats} nearest train image "
+                     "statistics (whitened" if self.stats_method == "knn" else
+                     "Mahalanobis distance of the image statistics (")
+            method = (f"-log10 p ({self.combine}) of two channels: {method}; {stats}, "
+                      f"shrinkage {STATS_SHRINKAGE})")
         return {"method": method, "kind": self.method, "channels": self.channels,
                 "combine": self.combine if self.needs_stats else None,
+                "stats_method": self.stats_method if self.needs_stats else None,
                 "threshold": round(float(self.threshold), 6),
                 "false_reject_target": self.false_reject, "n_reference": self.n_train,
                 "n_train": self.n_train, "n_val": self.n_val}
@@ -201,7 +222,8 @@ class OodGate:
         meta = {"kind": self.method, "k": str(self.k), "threshold": repr(float(self.threshold)),
                 "false_reject": repr(self.false_reject), "n_train": str(self.n_train),
                 "n_val": str(self.n_val), "channels": ",".join(self.channels),
-                "calibration": json.dumps(self.calibration), "combine": self.combine}
+                "calibration": json.dumps(self.calibration), "combine": self.combine,
+                "stats_method": self.stats_method}
         save_file({k: np.ascontiguousarray(v, np.float32) for k, v in self.arrays.items()},
                   str(path), metadata=meta)
 
@@ -219,9 +241,13 @@ class OodGate:
                        int(meta.get("n_val", 0)),
                        {str(c): [float(m), float(s)] for c, (m, s) in
                         json.loads(meta.get("calibration") or "{}").items()},
-                       str(meta.get("combine") or DEFAULT_COMBINE))
+                       str(meta.get("combine") or DEFAULT_COMBINE),
+                       str(meta.get("stats_method") or "mahalanobis"))
             if gate.needs_stats and set(gate.calibration) != set(gate.channels):
                 raise ValueError("channel calibration missing")
+            if gate.needs_stats and gate.stats_method == "knn" and not {
+                    _STATS + "reference", _STATS + "radius", _STATS + "whiten"} <= set(arrays):
+                raise ValueError("kNN image statistics missing")
             return gate
         except (OSError, KeyError, ValueError, TypeError) as exc:
             raise ConfigError(f"unreadable OOD statistics: {str(exc)[:120]}", file=path) \
@@ -259,18 +285,55 @@ def _statistics(train: np.ndarray, method: str, max_reference: int, seed: int,
             "precision": np.linalg.inv(cov).astype(np.float32)}
 
 
-def _stats_channel(train_stats: Any, n_train: int) -> dict[str, np.ndarray]:
+def _nearest(q: np.ndarray, ref: np.ndarray, k: int, exclude_self: bool = False,
+             chunk: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """Euclidean distances (n, k) to the ``k`` nearest ``ref`` rows and their indices
+    (``exclude_self``: ``q`` is ``ref`` and a row is not its own neighbour)."""
+    q, ref = q.astype(np.float32), ref.astype(np.float32)
+    dist = np.empty((len(q), k), np.float32)
+    idx = np.empty((len(q), k), np.int64)
+    rn = (ref * ref).sum(axis=1)
+    for s in range(0, len(q), chunk):
+        block = q[s:s + chunk]
+        d2 = (block * block).sum(axis=1)[:, None] + rn[None] - 2.0 * block @ ref.T
+        if exclude_self:
+            d2[np.arange(len(block)), np.arange(s, s + len(block))] = np.inf
+        part = np.argpartition(d2, k - 1, axis=1)[:, :k]
+        top = np.take_along_axis(d2, part, axis=1)
+        order = np.argsort(top, axis=1)
+        idx[s:s + chunk] = np.take_along_axis(part, order, axis=1)
+        dist[s:s + chunk] = np.sqrt(np.maximum(np.take_along_axis(top, order, axis=1), 0))
+    return dist, idx
+
+
+def _stats_channel(train_stats: Any, n_train: int, method: str) -> dict[str, np.ndarray]:
     """Standardisation (train mean, std) and shrunk Mahalanobis statistics of the image
-    statistics, under the ``stats.`` prefix."""
+    statistics, under the ``stats.`` prefix; for ``knn`` also the whitening matrix, the
+    whitened train rows and each row's mean distance to its ``STATS_K`` neighbours."""
     x = np.asarray(train_stats, dtype=np.float64)
     if x.ndim != 2 or len(x) != n_train:
         raise ConfigError(f"image statistics must be one (n, d) row per train embedding, got "
                           f"shape {x.shape} for {n_train} embeddings")
+    if method not in STATS_METHODS:
+        raise ConfigError(f"unknown image-statistics method {method!r} "
+                          f"({' or '.join(STATS_METHODS)})")
     center, scale = x.mean(axis=0), x.std(axis=0) + 1e-6
-    fit = _statistics((x - center) / scale, "mahalanobis", 0, 0, STATS_SHRINKAGE)
-    return {_STATS + "center": center.astype(np.float32),
-            _STATS + "scale": scale.astype(np.float32),
-            **{_STATS + k: v for k, v in fit.items()}}
+    z = (x - center) / scale
+    fit = _statistics(z, "mahalanobis", 0, 0, STATS_SHRINKAGE)
+    out = {_STATS + "center": center.astype(np.float32),
+           _STATS + "scale": scale.astype(np.float32),
+           **{_STATS + k: v for k, v in fit.items()}}
+    if method == "knn":
+        if len(z) < 2:
+            raise ConfigError("the kNN image-statistics channel needs >= 2 train images")
+        w, v = np.linalg.eigh(fit["precision"].astype(np.float64))
+        whiten = (v * np.sqrt(np.maximum(w, 0.0))) @ v.T  # precision ** 0.5
+        ref = ((z - fit["mean"]) @ whiten).astype(np.float32)
+        dist, _ = _nearest(ref, ref, min(STATS_K, len(ref) - 1), exclude_self=True)
+        out.update({_STATS + "whiten": whiten.astype(np.float32),
+                    _STATS + "reference": ref,
+                    _STATS + "radius": np.maximum(dist.mean(axis=1), 1e-6)})
+    return out
 
 
 def _val_fit(scores: np.ndarray) -> list[float]:
@@ -285,7 +348,8 @@ def _val_fit(scores: np.ndarray) -> list[float]:
 def fit_ood(train_emb: Any, val_emb: Any, false_reject: float = DEFAULT_FALSE_REJECT,
             method: str = DEFAULT_METHOD, k: int = DEFAULT_K,
             max_reference: int = MAX_REFERENCE, seed: int = 0, train_stats: Any = None,
-            val_stats: Any = None, combine: str = DEFAULT_COMBINE) -> OodGate:
+            val_stats: Any = None, combine: str = DEFAULT_COMBINE,
+            stats_method: str = DEFAULT_STATS_METHOD) -> OodGate:
     """Statistics of the train embeddings (and, given ``train_stats`` / ``val_stats``, of
     the train images' statistics); threshold = val scores' 1 - false_reject quantile."""
     if not 0.0 < float(false_reject) < 1.0:
@@ -300,9 +364,9 @@ def fit_ood(train_emb: Any, val_emb: Any, false_reject: float = DEFAULT_FALSE_RE
         raise ConfigError("the OOD gate's image statistics need both train and val rows")
     arrays = _statistics(train, method, max_reference, seed)
     if train_stats is not None:
-        arrays.update(_stats_channel(train_stats, len(train)))
+        arrays.update(_stats_channel(train_stats, len(train), stats_method))
     gate = OodGate(method, arrays, int(k), float("inf"), float(false_reject), len(train),
-                   len(val), combine=combine)
+                   len(val), combine=combine, stats_method=stats_method)
     raw = gate.channel_scores(val, val_stats)
     if gate.needs_stats:
         gate.calibration = {c: _val_fit(v) for c, v in raw.items()}
