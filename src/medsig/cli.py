@@ -239,8 +239,10 @@ def embed(
         for flag, value in [("--collection", collection), ("--batch-size", batch_size),
                             ("--limit", limit), ("--device", device), ("--workers", workers)]:
             args += [flag, str(value)] if value is not None else []
-        raise typer.Exit(launch(args + ["--recreate"] * recreate, processes))
+        command = [sys.executable, "-m", "medsig.cli", *args, *["--recreate"] * recreate]
+        raise typer.Exit(launch(command, processes))
     from medsig.index.runner import embed_collection
+    from medsig.index.sharded import leave_process_group
     from medsig.index.store import close_store
     from medsig.models.device import inference_settings
 
@@ -250,6 +252,7 @@ def embed(
                                   workers, recreate)
     finally:  # closed now, not by Qdrant's __del__ at interpreter exit (it prints a traceback)
         close_store(store)
+    leave_process_group()
     if report.rank == 0:
         _print_embed_report(report)
 

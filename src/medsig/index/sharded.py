@@ -16,7 +16,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -34,16 +33,15 @@ _BATCH, _DONE = 1, 2
 _HEAD, _BODY = 0, 1  # tags: a header from any rank, then its body from that rank
 
 
-def join_process_group() -> bool:
-    """Join the launcher's process group (WORLD_SIZE > 1); True if this call created it."""
-    if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return False
-    dist.init_process_group("gloo")
-    return True
+def join_process_group() -> None:
+    """Join the launcher's process group (WORLD_SIZE > 1) unless already in one. It stays
+    for later calls (joining again after leaving hangs in gloo); a CLI leaves at its end."""
+    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("gloo")
 
 
-def leave_process_group(created: bool) -> None:
-    if created and dist.is_initialized():
+def leave_process_group() -> None:
+    if dist.is_initialized():
         dist.destroy_process_group()
 
 
@@ -170,21 +168,20 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def launch(args: list[str], processes: int) -> int:
-    """Run ``python -m medsig.cli *args`` in `processes` processes on this machine (the
-    environment torchrun would set); if one fails the others are stopped. Exit status: the
-    first failure's, else 0."""
+def launch(command: list[str], processes: int) -> int:
+    """Run `command` in `processes` processes on this machine, with the environment torchrun
+    would give them; if one fails the others are stopped. Exit status: the first failure's,
+    else 0."""
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
            "WORLD_SIZE": str(processes), "LOCAL_WORLD_SIZE": str(processes)}
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
-    children = [subprocess.Popen([sys.executable, "-m", "medsig.cli", *args],
-                                 env={**env, "RANK": str(k), "LOCAL_RANK": str(k)})
+    children = [subprocess.Popen(command, env={**env, "RANK": str(k), "LOCAL_RANK": str(k)})
                 for k in range(processes)]
     status = 0
     try:
-        while any(c.poll() is None for c in children) and status == 0:
-            status = next((c.returncode for c in children if c.returncode), 0)
+        while status == 0 and None in [c.poll() for c in children]:  # poll() every child
             time.sleep(0.2)
+            status = next((c.returncode for c in children if c.returncode), 0)
         status = status or next((c.returncode for c in children if c.returncode), 0)
     finally:
         for c in children:
