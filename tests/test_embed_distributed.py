@@ -79,8 +79,11 @@ def test_two_processes_give_the_single_process_collection(data, tmp_path, monkey
             assert np.abs(np.asarray(v) - np.asarray(two[pid][0][name])).max() <= 1e-6
 
 
-def test_launch_stops_the_others_when_one_fails(tmp_path):
+def test_launch_stops_the_others_when_one_fails(capfd):
     code = ("import os, sys, time\n"
             "if os.environ['RANK'] == '1': sys.exit(3)\n"
             "time.sleep(60)\n")
-    assert launch([sys.executable, "-c", code], 2) == 3
+    assert launch([sys.executable, "-c", code], 2) == 3  # at once, not after 60 s
+    killed = code.replace("sys.exit(3)", "os.kill(os.getpid(), 9)")
+    assert launch([sys.executable, "-c", killed], 2) == 137
+    assert "process 1 of 2 was killed by signal 9" in capfd.readouterr().err

@@ -24,6 +24,7 @@ from medsig.index.sharded import (
     Receiver,
     broadcast_rows,
     join_process_group,
+    peers_checked,
     rank_device,
     send_batch,
     send_done,
@@ -82,8 +83,9 @@ def embed_collection(
     Under a launcher (WORLD_SIZE > 1) every process embeds its share of the rows; rank 0's
     report counts all of them (stage seconds summed over the processes)."""
     join_process_group()
-    return _embed(spec, model, store, collection_name, batch_size, limit, device,
-                  num_workers, recreate, progress)
+    with peers_checked():
+        return _embed(spec, model, store, collection_name, batch_size, limit, device,
+                      num_workers, recreate, progress)
 
 
 def _embed(spec: DatasetSpec | Collection | str | Path, model: str | Path | Encoder,

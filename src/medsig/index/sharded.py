@@ -16,9 +16,11 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from medsig.errors import ConfigError
+from medsig.errors import ConfigError, MedsigError
 from medsig.train.distributed import world
 
 _BATCH, _DONE = 1, 2
@@ -43,6 +45,21 @@ def join_process_group() -> None:
 def leave_process_group() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextmanager
+def peers_checked() -> Iterator[None]:
+    """A process that lost a peer (which failed and printed its own error) stops with one
+    line instead of gloo's traceback."""
+    try:
+        yield
+    except RuntimeError as exc:
+        rank, procs = world()
+        lost = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+        if procs == 1 or not any(text in str(exc) for text in lost):
+            raise
+        raise MedsigError(f"process {rank} of {procs} stopped: another process failed (its "
+                          "error is above)") from None
 
 
 def rank_device(device: str | None) -> str | None:
@@ -170,22 +187,29 @@ def _free_port() -> int:
 
 def launch(command: list[str], processes: int) -> int:
     """Run `command` in `processes` processes on this machine, with the environment torchrun
-    would give them; if one fails the others are stopped. Exit status: the first failure's,
-    else 0."""
+    would give them; if one fails the others are stopped. Exit status: the first failure's
+    (128 + N for signal N), else 0."""
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
            "WORLD_SIZE": str(processes), "LOCAL_WORLD_SIZE": str(processes)}
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
     children = [subprocess.Popen(command, env={**env, "RANK": str(k), "LOCAL_RANK": str(k)})
                 for k in range(processes)]
-    status = 0
+    failed: int | None = None  # the first process that failed
     try:
-        while status == 0 and None in [c.poll() for c in children]:  # poll() every child
+        while failed is None:
+            running = None in [c.poll() for c in children]  # poll() every child
+            failed = next((k for k, c in enumerate(children) if c.returncode), None)
+            if not running:
+                break
             time.sleep(0.2)
-            status = next((c.returncode for c in children if c.returncode), 0)
-        status = status or next((c.returncode for c in children if c.returncode), 0)
     finally:
         for c in children:
             if c.poll() is None:  # another process failed (or Ctrl-C): its peers wait forever
                 c.kill()
             c.wait()
+    status = children[failed].returncode if failed is not None else 0
+    if status < 0:  # killed by a signal (it printed nothing): say which, exit as a shell does
+        print(f"error: process {failed} of {processes} was killed by signal {-status}",
+              file=sys.stderr)
+        return 128 - status
     return status
