@@ -1,8 +1,8 @@
 """Sharded embedding: 2 processes (gloo, the `--processes` launcher) against one.
 
 One launch runs a partial 2-process embed (the first rows, as if stopped) and then the full
-one, which must resume: every row embedded once, by one process, and the collection equal
-to a single-process run (ids, vectors within 1e-6, payloads).
+one, which must resume: every row embedded once, by one process, skips counted once, and
+the collection equal to a single-process run (ids, vectors within 1e-6, payloads).
 """
 
 from __future__ import annotations
@@ -19,16 +19,18 @@ from medsig.index.sharded import launch, shard
 from medsig.index.store import VectorStore, close_store
 
 ROOT = Path(__file__).resolve().parents[1]
-N, FIRST = 30, 13
+N, FIRST, BROKEN = 30, 13, 27
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
+    from medsig.data.collection import load_collection
     from medsig.data.synth import synthesize
     from medsig.models.tiny import write_tiny
 
     root = tmp_path_factory.mktemp("embed-dist")
     spec = synthesize("wound", root / "wound", n=N, seed=0, image_size=40)
+    load_collection(spec).image_paths[BROKEN].write_bytes(b"not a PNG")  # in rank 1's share
     return spec, write_tiny(root / "tiny", arch="siglip", image_size=32)
 
 
@@ -64,14 +66,16 @@ def test_two_processes_give_the_single_process_collection(data, tmp_path, monkey
     partial, full = (json.loads((out / f"report-{k}.json").read_text()) for k in (0, 1))
     assert partial["embedded"] == FIRST and partial["processes"] == 2
     assert partial["points_after"] == FIRST
-    # the re-run skips what is there and embeds the rest, split between the processes
-    assert full["already_indexed"] == FIRST and full["embedded"] == N - FIRST
-    assert full["points_after"] == N and single.points_after == N
+    # the re-run skips what is there and embeds the rest, split between the processes; the
+    # unreadable image (rank 1's) is counted once, in rank 0's report, with its reason
+    assert full["already_indexed"] == FIRST and full["embedded"] == N - FIRST - 1
+    assert full["skipped"] == dict(single.skipped) and sum(single.skipped.values()) == 1
+    assert full["points_after"] == N - 1 and single.points_after == N - 1
     for k, todo in [(0, list(range(FIRST))), (1, list(range(FIRST, N)))]:
         rows = [json.loads((out / f"rows-{k}-{r}.json").read_text()) for r in (0, 1)]
         assert rows == [shard(todo, 0, 2), shard(todo, 1, 2)]
     one, two = _points(tmp_path / "one"), _points(store)
-    assert set(one) == set(two) and len(two) == N
+    assert set(one) == set(two) and len(two) == N - 1
     for pid, (vectors, payload) in one.items():
         assert two[pid][1] == payload
         assert set(two[pid][0]) == set(vectors) == {"image", "text"}

@@ -264,8 +264,9 @@ def _print_embed_report(report) -> None:
                   f"{sum(report.skipped.values())} skipped, {report.points_after} points in "
                   f"{report.store}")
     summed = f" (stages summed over {report.processes} processes)" * (report.processes > 1)
-    console.print(f"{report.images_per_second:.1f} images/s; seconds{summed}: total "
-                  f"{s.get('total', 0):.1f}, waiting for images {s.get('read_wait', 0):.1f}, "
+    console.print(f"{report.images_per_second:.1f} images/s; seconds: total "
+                  f"{s.get('total', 0):.1f}{summed}, waiting for images "
+                  f"{s.get('read_wait', 0):.1f}, "
                   f"model {s.get('model', 0) + s.get('device_wait', 0):.1f}, writing "
                   f"(background) {s.get('write', 0):.1f}, building the search index "
                   f"{s.get('index', 0):.1f}; first batch after {s.get('first_batch', 0):.1f}")
