@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch.distributed as dist
 
 from medsig.data.collection import Collection, load_collection
 from medsig.index.payload import payload_indexes, row_payload
 from medsig.index.sharded import (
     Message,
     Receiver,
+    barrier,
     broadcast_rows,
     join_process_group,
     peers_checked,
@@ -161,7 +161,7 @@ def _finish(report: EmbedReport, sink: _Sink, vs: VectorStore | None,
     if report.rank > 0:
         send_done({"seconds": timings})
     if report.processes > 1:
-        dist.barrier()  # rank 0 has taken every message
+        barrier()  # rank 0 has taken every message
     if report.rank > 0:
         report.seconds = timings
         return report

@@ -35,15 +35,30 @@ _BATCH, _DONE = 1, 2
 _HEAD, _BODY = 0, 1  # tags: a header from any rank, then its body from that rank
 
 
+_GLOO: list[Any] = []  # the channel's group: None = the default group (already gloo)
+
+
 def join_process_group() -> None:
-    """Join the launcher's process group (WORLD_SIZE > 1) unless already in one. It stays
-    for later calls (joining again after leaving hangs in gloo); a CLI leaves at its end."""
+    """Join the launcher's process group (WORLD_SIZE > 1) unless already in one (e.g. NCCL,
+    set up by accelerate: then a gloo group over the same processes carries the channel).
+    It stays for later calls (joining again after leaving hangs in gloo); a CLI leaves it."""
     if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         dist.init_process_group("gloo")
+    if dist.is_initialized() and not _GLOO:
+        _GLOO.append(None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo"))
+
+
+def _group() -> Any:
+    return _GLOO[0] if _GLOO else None
+
+
+def barrier() -> None:
+    dist.barrier(group=_group())
 
 
 def leave_process_group() -> None:
     if dist.is_initialized():
+        _GLOO.clear()
         dist.destroy_process_group()
 
 
@@ -76,10 +91,10 @@ def broadcast_rows(rows: list[int] | None) -> list[int]:
         assert rows is not None
         return rows
     n = torch.tensor([len(rows) if rows is not None else 0], dtype=torch.long)
-    dist.broadcast(n, 0)
+    dist.broadcast(n, 0, group=_group())
     t = torch.tensor(rows, dtype=torch.long) if rows is not None else torch.empty(
         int(n), dtype=torch.long)
-    dist.broadcast(t, 0)
+    dist.broadcast(t, 0, group=_group())
     return t.tolist()
 
 
@@ -110,11 +125,11 @@ def _send(kind: int, info: dict[str, Any], vectors: dict[str, np.ndarray]) -> No
     dims = [vectors[k].shape[1] for k in names]
     head = torch.tensor([kind, body.numel(), rows, len(names), *dims, *[0] * (4 - len(dims))],
                         dtype=torch.long)
-    dist.send(head, 0, tag=_HEAD)
-    dist.send(body, 0, tag=_BODY)
+    dist.send(head, 0, group=_group(), tag=_HEAD)
+    dist.send(body, 0, group=_group(), tag=_BODY)
     for k in names:
         array = np.ascontiguousarray(vectors[k], dtype=np.float32)
-        dist.send(torch.from_numpy(array), 0, tag=_BODY)
+        dist.send(torch.from_numpy(array), 0, group=_group(), tag=_BODY)
 
 
 def send_batch(info: dict[str, Any], vectors: dict[str, np.ndarray] | None) -> None:
@@ -130,15 +145,15 @@ def send_done(info: dict[str, Any]) -> None:
 def receive() -> Message:
     """The next message from any worker (blocks)."""
     head = torch.zeros(8, dtype=torch.long)
-    src = dist.recv(head, tag=_HEAD)
+    src = dist.recv(head, group=_group(), tag=_HEAD)
     kind, size, rows, count = (int(v) for v in head[:4])
     body = torch.empty(size, dtype=torch.uint8)
-    dist.recv(body, src, tag=_BODY)
+    dist.recv(body, src, group=_group(), tag=_BODY)
     info = json.loads(bytes(body.numpy()).decode())
     vectors = {}
     for name, dim in zip(info["names"], head[4:4 + count].tolist()):
         t = torch.empty((rows, int(dim)), dtype=torch.float32)
-        dist.recv(t, src, tag=_BODY)
+        dist.recv(t, src, group=_group(), tag=_BODY)
         vectors[name] = t.numpy()
     info["rank"] = src
     return Message(kind, info, vectors)
