@@ -81,7 +81,8 @@ def embed_collection(
     """Embed every image (and text) of a collection into a Qdrant collection.
 
     Under a launcher (WORLD_SIZE > 1) every process embeds its share of the rows; rank 0's
-    report counts all of them (stage seconds summed over the processes)."""
+    report counts all of them (stage seconds summed over the processes); the others' hold
+    only their own stage seconds (`report.rank` > 0)."""
     join_process_group()
     with peers_checked():
         return _embed(spec, model, store, collection_name, batch_size, limit, device,
