@@ -231,9 +231,22 @@ def embed(
                                    "on CPU) | fp32 | bf16 | fp16."),
     workers: int | None = typer.Option(None, help="Image decoding workers."),
     recreate: bool = typer.Option(False, help="Drop the collection first."),
+    processes: int = typer.Option(1, min=1, help="Processes sharing the rows (on this "
+                                  "machine; or launch with torchrun / accelerate launch)."),
 ) -> None:
     """Embed every image (and its text) into Qdrant with all metadata; resumable."""
+    if processes > 1:
+        from medsig.index.sharded import check_not_launched, launch
+
+        check_not_launched(processes)
+        args = ["embed", str(spec), "--model", model, "--store", store, "--precision", precision]
+        for flag, value in [("--collection", collection), ("--batch-size", batch_size),
+                            ("--limit", limit), ("--device", device), ("--workers", workers)]:
+            args += [flag, str(value)] if value is not None else []
+        command = [sys.executable, "-m", "medsig.cli", *args, *["--recreate"] * recreate]
+        raise typer.Exit(launch(command, processes))
     from medsig.index.runner import embed_collection
+    from medsig.index.sharded import leave_process_group
     from medsig.index.store import close_store
     from medsig.models.device import inference_settings
 
@@ -243,7 +256,9 @@ def embed(
                                   workers, recreate)
     finally:  # closed now, not by Qdrant's __del__ at interpreter exit (it prints a traceback)
         close_store(store)
-    _print_embed_report(report)
+    leave_process_group()
+    if report.rank == 0:
+        _print_embed_report(report)
 
 
 def _print_embed_report(report) -> None:
@@ -252,8 +267,10 @@ def _print_embed_report(report) -> None:
                   f"{report.already_indexed} already indexed, "
                   f"{sum(report.skipped.values())} skipped, {report.points_after} points in "
                   f"{report.store}")
+    summed = f" (stages summed over {report.processes} processes)" * (report.processes > 1)
     console.print(f"{report.images_per_second:.1f} images/s; seconds: total "
-                  f"{s.get('total', 0):.1f}, waiting for images {s.get('read_wait', 0):.1f}, "
+                  f"{s.get('total', 0):.1f}{summed}, waiting for images "
+                  f"{s.get('read_wait', 0):.1f}, "
                   f"model {s.get('model', 0) + s.get('device_wait', 0):.1f}, writing "
                   f"(background) {s.get('write', 0):.1f}, building the search index "
                   f"{s.get('index', 0):.1f}; first batch after {s.get('first_batch', 0):.1f}")
