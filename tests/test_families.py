@@ -251,3 +251,14 @@ def test_encoder_load_reads_the_recorded_family_and_mode(tmp_path):
     assert again.family == "medsiglip" and again.preprocess.mode == "pad"
     assert Encoder.load(folder, device="cpu", preprocess="reference").preprocess.resize_method \
         == "tf_bilinear"
+
+
+@pytest.mark.parametrize("mode", ["pad", "resize", "reference"])
+def test_uint8_pixels_raise_no_warning(mode):
+    """Pixels own their memory: no "non-writable NumPy array" warning in a user's log."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pixels = Preprocess(64, mode=mode).to_uint8(Image.new("RGB", (100, 60)))
+    assert pixels.shape == (3, 64, 64) and pixels.dtype == torch.uint8

@@ -140,8 +140,10 @@ class Preprocess:
                 array = np.asarray(pad_resize(image, self.size, self.resample).convert("RGB"))
                 return torch.from_numpy(array.copy()).permute(2, 0, 1)
             image = _bounded_square(image, self.size)
-        array = self._resized(image.convert("RGB"))
-        return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
+        array = np.ascontiguousarray(self._resized(image.convert("RGB")))
+        if not array.flags.writeable:  # a view of PIL's buffer: torch wants its own memory
+            array = array.copy()
+        return torch.from_numpy(array).permute(2, 0, 1)
 
     def _resized(self, image: Image.Image) -> np.ndarray:
         """uint8 ``(size, size, 3)``: the pipeline's resize (and centre crop)."""
