@@ -99,3 +99,39 @@ def test_adapter_base_prefers_the_config_then_the_relative_record(tmp_path: Path
     base.rmdir()
     with pytest.raises(ConfigError, match="not found"):
         adapter_base(adapter)
+
+
+def test_saving_a_siglip_model_logs_no_default_config_warning(tmp_path):
+    """transformers diffs a config against its class default on save; SigLIP's default has
+    CLIP's token ids outside its vocabulary: medsig's save must not print that warning."""
+    import logging
+
+    from transformers import SiglipConfig, SiglipModel
+
+    from medsig.models.artifact import save_model
+
+    records: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage())
+
+    logger = logging.getLogger("transformers.configuration_utils")
+    handler = Keep()
+    logger.addHandler(handler)
+    tiny = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                num_attention_heads=2)
+    config = SiglipConfig(text_config=dict(tiny, vocab_size=100, bos_token_id=1,
+                                           eos_token_id=2, pad_token_id=0),
+                          vision_config=dict(tiny, image_size=16, patch_size=8))
+    model = SiglipModel(config)
+    try:
+        logging.Logger.warning_once.cache_clear()
+        save_model(model, tmp_path / "medsig")
+        assert not [r for r in records if "within the vocabulary" in r]
+        logging.Logger.warning_once.cache_clear()
+        model.save_pretrained(tmp_path / "plain")  # the plain call does log it (the test can fail)
+        assert [r for r in records if "within the vocabulary" in r]
+    finally:
+        logger.removeHandler(handler)
+        logging.Logger.warning_once.cache_clear()

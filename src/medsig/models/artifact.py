@@ -21,6 +21,7 @@ No absolute local path is written: paths are stored relative to the folder.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass, field, fields
@@ -443,3 +444,25 @@ def write_image_processor(folder: str | Path, pre: Preprocessing) -> Path:
     path = folder / "preprocessor_config.json"
     path.write_text(json.dumps(config, indent=2) + "\n")
     return path
+
+
+class _DefaultConfigTokenWarning(logging.Filter):
+    """Drops transformers' "bos_token_id must be `None` or an integer within the vocabulary"
+    raised while ``save_pretrained`` diffs a config against its class default: SigLIP's
+    default text config carries CLIP's token ids (49406 / 49407) outside its own 32,000
+    vocabulary, so every save logged a warning about a config nobody wrote."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "an integer within the vocabulary" not in record.getMessage()
+
+
+def save_model(model: Any, out: str | Path, **kwargs: Any) -> None:
+    """``model.save_pretrained(out, **kwargs)`` without that spurious warning (a saved
+    config with genuinely bad ids still warns when it is loaded)."""
+    logger = logging.getLogger("transformers.configuration_utils")
+    quiet = _DefaultConfigTokenWarning()
+    logger.addFilter(quiet)
+    try:
+        model.save_pretrained(out, **kwargs)
+    finally:
+        logger.removeFilter(quiet)

@@ -26,6 +26,7 @@ from torch import Tensor
 from medsig.data.patches import Patches, model_inputs
 from medsig.errors import ConfigError
 from medsig.models import families
+from medsig.models.artifact import save_model
 from medsig.models.device import precision_dtype, select_device
 
 _LOAD_ERRORS = (OSError, ValueError, KeyError, TypeError, ImportError, RuntimeError)
@@ -177,7 +178,7 @@ class Encoder:
     def save(self, out: str | Path) -> Path:
         """``save_pretrained`` of the model, tokenizer and image processor."""
         out = Path(out)
-        self.model.save_pretrained(out)
+        save_model(self.model, out)
         self.image_processor.save_pretrained(out)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(out)

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from medsig.models.artifact import save_model
+
 ARCHS = ("siglip", "siglip2", "clip", "vit")
 
 # Words of the three generated datasets plus common clinical English: the BPE merges learn
@@ -196,7 +198,7 @@ def _write(out: str | Path, arch: str, vision: dict, text: dict, image_size: int
         with torch.no_grad():
             model.logit_scale.fill_(math.log(10.0))
             model.logit_bias.fill_(-10.0)
-    model.save_pretrained(out)
+    save_model(model, out)
     processor = _image_processor(arch, image_size, resample, patch_size)
     if tokenizer is not None:
         tokenizer.model_max_length = max_text_len

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from medsig.errors import ConfigError
+from medsig.models.artifact import save_model
 from medsig.train.config import AdaptConfig
 from medsig.train.distributed import shard_like, whole
 
@@ -163,7 +164,7 @@ def export_model(model: nn.Module, out_dir: str | Path, *, merge: bool = True,
     (`full_state_dict`, gathered by every process)."""
     out_dir = Path(out_dir)
     if state_dict is not None:
-        model.save_pretrained(out_dir, state_dict=state_dict)
+        save_model(model, out_dir, state_dict=state_dict)
         return model
     if is_peft(model):
         if merge:
@@ -171,9 +172,9 @@ def export_model(model: nn.Module, out_dir: str | Path, *, merge: bool = True,
         else:
             if base_name is not None:
                 model.peft_config["default"].base_model_name_or_path = base_name
-            model.save_pretrained(out_dir)
+            save_model(model, out_dir)
             return model
-    model.save_pretrained(out_dir)
+    save_model(model, out_dir)
     return model
 
 
