@@ -33,10 +33,16 @@ STEPS = {"eval": {"at_start": False}, "optim": {"max_steps": 2, "batch_size": 8,
                                                   "warmup_ratio": 0.0}}
 
 
+def step_case(wound: Path, tiny: Path, out: Path, name: str, **sections: Any
+              ) -> dict[str, Any]:
+    """A training config of a few steps (``STEPS``) with ``sections`` merged in."""
+    merged = {**STEPS, **sections, "optim": {**STEPS["optim"], **sections.get("optim", {})}}
+    return config(wound, tiny, out / name, **merged)
+
+
 def _cases(wound: Path, tiny: Path, out: Path) -> dict[str, dict[str, Any]]:
     def case(name: str, **sections: Any) -> dict[str, Any]:
-        merged = {**STEPS, **sections, "optim": {**STEPS["optim"], **sections.get("optim", {})}}
-        return config(wound, tiny, out / name, **merged)
+        return step_case(wound, tiny, out, name, **sections)
 
     return {
         # 3 steps, a checkpoint after each: the resumed run below must end on these weights
@@ -131,16 +137,21 @@ def test_each_process_trains_on_its_half_of_the_global_batch(runs: dict[str, Any
             assert abs(len(m_a) - len(m_b)) <= 1 and not set(m_a) & set(m_b)
 
 
-@pytest.mark.parametrize("name", CASES)
-def test_two_processes_end_with_the_weights_and_metrics_of_one(runs: dict[str, Any],
-                                                               name: str) -> None:
-    one, two = runs["one"][name]["out"], runs["two"][name]["out"]
+def assert_same_run(one: str | Path, two: str | Path) -> dict[str, Any]:
+    """Weights within 1e-5 and equal val metrics of two runs; the second's medsig.json."""
     assert_same_weights(_weights(one), _weights(two), atol=1e-5)
     val_one, val_two = _val(one), _val(two)
     assert val_one.keys() == val_two.keys()
     for k, v in val_one.items():
         assert val_two[k] == pytest.approx(v, abs=1e-5, nan_ok=True), k
-    info = json.loads((Path(two) / "medsig.json").read_text())
+    return json.loads((Path(two) / "medsig.json").read_text())
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_two_processes_end_with_the_weights_and_metrics_of_one(runs: dict[str, Any],
+                                                               name: str) -> None:
+    one, two = runs["one"][name]["out"], runs["two"][name]["out"]
+    info = assert_same_run(one, two)
     assert info["training"]["steps"] == runs["one"][name]["optim"]["max_steps"]
     assert not (Path(two) / "checkpoints" / "last.tmp").exists()
 

@@ -22,7 +22,12 @@ import torch
 from medsig.errors import ConfigError
 from medsig.train import train
 from medsig.train.fsdp import FsdpSettings, check_supported, fsdp_settings, layer_classes
-from tests.test_train_distributed import _launch, _val, _weights
+from tests.test_train_distributed import (
+    _launch,
+    _weights,
+    assert_same_run,
+    step_case,
+)
 from tests.test_train_helpers import (  # noqa: F401 (fixtures)
     assert_same_weights,
     config,
@@ -32,14 +37,11 @@ from tests.test_train_helpers import (  # noqa: F401 (fixtures)
 
 ROOT = Path(__file__).resolve().parents[1]
 FSDP_YAML = ROOT / "configs" / "accelerate" / "fsdp.yaml"
-STEPS = {"eval": {"at_start": False}, "optim": {"max_steps": 2, "batch_size": 8, "lr": 1e-3,
-                                                  "warmup_ratio": 0.0}}
 
 
 def _cases(wound: Path, tiny: Path, out: Path) -> dict[str, dict[str, Any]]:
     def case(name: str, **sections: Any) -> dict[str, Any]:
-        merged = {**STEPS, **sections, "optim": {**STEPS["optim"], **sections.get("optim", {})}}
-        return config(wound, tiny, out / name, **merged)
+        return step_case(wound, tiny, out, name, **sections)
 
     return {
         # a checkpoint after every step; the 2-process run stops after step 2 and resumes
@@ -68,12 +70,7 @@ def runs(wound: Path, tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> d
 def test_fsdp_ends_with_the_weights_and_metrics_of_one_process(runs: dict[str, Any],
                                                                 name: str) -> None:
     one, two = runs["one"][name]["out"], runs["two"][name]["out"]
-    assert_same_weights(_weights(one), _weights(two), atol=1e-5)
-    val_one, val_two = _val(one), _val(two)
-    assert val_one.keys() == val_two.keys()
-    for k, v in val_one.items():
-        assert val_two[k] == pytest.approx(v, abs=1e-5, nan_ok=True), k
-    info = json.loads((Path(two) / "medsig.json").read_text())
+    info = assert_same_run(one, two)
     assert info["training"]["processes"] == 2 and info["training"]["sharded"] is True
     rows = [json.loads((Path(two) / f"rows-{r}.json").read_text()) for r in (0, 1)]
     assert all(len(m) < runs["two"][name]["optim"]["batch_size"]  # each process: a slice
