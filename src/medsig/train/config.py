@@ -191,7 +191,7 @@ def load_config(source: TrainConfig | dict | str | Path,
     cfg.source = where
     _choice(cfg.init, INITS, "init", where)
     cfg.init_note = (source.init_note if isinstance(source, TrainConfig) and source.init_note
-                     else apply_init_defaults(cfg))
+                     else apply_init_defaults(cfg.optim, cfg.init, cfg.model))
     validate(cfg, where)
     return cfg
 

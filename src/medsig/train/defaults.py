@@ -8,10 +8,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from medsig.train.config import TrainConfig
+
+class OptimDefaults(Protocol):
+    """The optimizer keys a starting point fills (``medsig.train.config.OptimConfig``)."""
+
+    lr: float | None
+    epochs: int | None
+    warmup_ratio: float | None
 
 
 # Defaults by starting point (docs/training.md, "Defaults by starting point"). A randomly
@@ -50,19 +55,20 @@ def detect_init(model: str) -> tuple[str, str]:
     return "pretrained", "not a medsig random checkpoint (hub id or trained weights)"
 
 
-def apply_init_defaults(cfg: TrainConfig) -> str:
-    """Fill optim.lr / epochs / warmup_ratio left unset from the starting point's defaults;
-    return the line the training loop prints (what was chosen, and why)."""
-    if cfg.init == "auto":
-        kind, why = detect_init(cfg.model)
+def apply_init_defaults(optim: OptimDefaults, init: str, model: str) -> str:
+    """Fill ``optim``'s lr / epochs / warmup_ratio left unset from the defaults of the
+    starting point (``init``: auto | random | pretrained, auto read from ``model``); return
+    the line the training loop prints (what was chosen, and why)."""
+    if init == "auto":
+        kind, why = detect_init(model)
     else:
-        kind, why = cfg.init, f"init: {cfg.init}"
+        kind, why = init, f"init: {init}"
     chosen = []
     for key, value in INIT_DEFAULTS[kind].items():
-        given = getattr(cfg.optim, key)
+        given = getattr(optim, key)
         if given is None:
-            setattr(cfg.optim, key, int(value) if key == "epochs" else float(value))
-        chosen.append(f"{key} {getattr(cfg.optim, key):g}"
+            setattr(optim, key, int(value) if key == "epochs" else float(value))
+        chosen.append(f"{key} {getattr(optim, key):g}"
                       + (" (set)" if given is not None else ""))
     return (f"starting point: {kind} ({why}); {', '.join(chosen)}, cosine schedule "
             f"(defaults by starting point; change with init=random|pretrained or "
