@@ -267,24 +267,12 @@ def test_crafted_pickle_in_a_checkpoint_is_refused(tmp_path: Path, victim: str):
 
 def test_multi_frame_dicom_counts_every_frame_against_the_pixel_limit():
     pytest.importorskip("pydicom")
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+    from tests.test_serve import dicom_bytes
 
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, generate_uid()
-    ds.Rows, ds.Columns, ds.NumberOfFrames = 64, 64, 8
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-    ds.PixelData = np.arange(8 * 64 * 64, dtype=np.uint16).tobytes()
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    assert load_image(buf.getvalue(), max_pixels=8 * 64 * 64).size == (64, 64)
+    data = dicom_bytes(np.arange(8 * 64 * 64, dtype=np.uint16).reshape(8, 64, 64))
+    assert load_image(data, max_pixels=8 * 64 * 64).size == (64, 64)
     with pytest.raises(ImageError) as info:  # 8 frames are decoded, not one
-        load_image(buf.getvalue(), max_pixels=2 * 64 * 64)
+        load_image(data, max_pixels=2 * 64 * 64)
     assert info.value.reason == "too_large"
 
 

@@ -101,6 +101,7 @@ def image_bytes(path: Path, fmt: str = "JPEG", size: tuple[int, int] | None = No
 
 
 def dicom_bytes(array: np.ndarray) -> bytes:
+    """A 16-bit MONOCHROME2 DICOM of ``array`` ((rows, columns) or (frames, rows, columns))."""
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
@@ -110,7 +111,9 @@ def dicom_bytes(array: np.ndarray) -> bytes:
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)
     ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, generate_uid()
-    ds.Rows, ds.Columns = array.shape
+    ds.Rows, ds.Columns = array.shape[-2:]
+    if array.ndim == 3:  # (frames, rows, columns): a multi-frame image
+        ds.NumberOfFrames = array.shape[0]
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
     ds.PixelData = array.astype(np.uint16).tobytes()
