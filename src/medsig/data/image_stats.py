@@ -195,24 +195,13 @@ def pixel_stats(pixels: Any, preprocess: Any) -> np.ndarray:
     import torch
 
     from medsig.data.patches import Patches
+    from medsig.data.transforms import to_uint8_image
 
     images = pixels.images() if isinstance(pixels, Patches) else torch.as_tensor(pixels)
     if len(images) == 0:
         return np.zeros((0, DIM), np.float32)
-    return np.stack([image_stats(_to_uint8(x.detach().cpu(), preprocess).permute(1, 2, 0)
+    return np.stack([image_stats(to_uint8_image(x, preprocess).permute(1, 2, 0)
                                  .numpy()) for x in images])
-
-
-def _to_uint8(x: Any, preprocess: Any) -> Any:
-    """One ``(3, h, w)`` image as uint8 (normalisation undone when it is float)."""
-    import torch
-
-    if x.dtype == torch.uint8:
-        return x
-    mean = getattr(preprocess, "mean", torch.full((3, 1, 1), 0.5)).cpu().reshape(3, 1, 1)
-    std = getattr(preprocess, "std", torch.full((3, 1, 1), 0.5)).cpu().reshape(3, 1, 1)
-    scale = float(getattr(preprocess, "rescale", 1 / 255))
-    return ((x.float() * std + mean) / scale).round().clamp(0, 255).to(torch.uint8)
 
 
 def collection_stats(paths: list, rows: list[int], preprocess: Any, batch_size: int = 64,

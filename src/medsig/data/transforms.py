@@ -175,6 +175,19 @@ class Preprocess:
         return f"Preprocess(size={self.size}, mode={self.mode!r})"
 
 
+def to_uint8_image(pixels: torch.Tensor, preprocess: Any) -> torch.Tensor:
+    """The inverse of ``normalize`` for one ``(3, h, w)`` image: uint8 on the CPU (uint8
+    input as it is), with ``preprocess``'s mean, std and rescale (0.5, 0.5, 1/255 if absent)."""
+    x = pixels.detach().cpu()
+    if x.dtype == torch.uint8:
+        return x
+    mean = torch.as_tensor(getattr(preprocess, "mean", (0.5,) * 3), dtype=torch.float32)
+    std = torch.as_tensor(getattr(preprocess, "std", (0.5,) * 3), dtype=torch.float32)
+    scale = float(getattr(preprocess, "rescale", 1 / 255))
+    restored = (x.float() * std.cpu().reshape(3, 1, 1) + mean.cpu().reshape(3, 1, 1)) / scale
+    return restored.round().clamp(0, 255).to(torch.uint8)
+
+
 def shortest_edge_size(size: tuple[int, int], edge: int) -> tuple[int, int]:
     """(width, height) with the short side ``edge`` and the long side truncated to int (HF)."""
     w, h = size

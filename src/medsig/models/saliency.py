@@ -416,11 +416,11 @@ def overlay_png(pixels: torch.Tensor | Patches, cam: np.ndarray, preprocess: Any
     from matplotlib import colormaps
     from PIL import Image
 
-    mean = np.asarray(getattr(preprocess, "mean", [0.5] * 3), np.float32).reshape(-1, 1, 1)
-    std = np.asarray(getattr(preprocess, "std", [0.5] * 3), np.float32).reshape(-1, 1, 1)
+    from medsig.data.transforms import to_uint8_image
+
     if isinstance(pixels, Patches):
         pixels = pixels.images()[0]
-    img = np.clip(pixels.detach().float().cpu().numpy() * std + mean, 0, 1).transpose(1, 2, 0)
+    img = to_uint8_image(pixels, preprocess).permute(1, 2, 0).numpy().astype(np.float32) / 255
     heat = colormaps["jet"](np.clip(cam, 0, 1))[..., :3]
     a = 0.45 * np.clip(cam, 0, 1)[..., None]
     rgb = ((1 - a) * img + a * heat) * 255
