@@ -74,14 +74,22 @@ def open_collection(location: str | Path, name: str, legacy: bool = False) -> An
         return backend
 
 
-def close_store(location: str | Path | None = None) -> None:
-    """Close the collections (and clients) open under `location` (None: everything)."""
+def _take_open(location: str | Path | None) -> tuple[list[tuple[tuple[str, str], Any]],
+                                                       list[Any]]:
+    """Remove and return the collections ((location, name), backend) and clients open under
+    ``location`` (None: everything)."""
     with _LOCK:
         keys = [k for k in _OPEN if location is None or k[0] == _key(location)]
-        backends = [_OPEN.pop(k) for k in keys]
+        backends = [(k, _OPEN.pop(k)) for k in keys]
         clients = [_CLIENTS.pop(k) for k in list(_CLIENTS)
                    if location is None or k == _key(location)]
-    for backend in backends:
+    return backends, clients
+
+
+def close_store(location: str | Path | None = None) -> None:
+    """Close the collections (and clients) open under `location` (None: everything)."""
+    backends, clients = _take_open(location)
+    for _, backend in backends:
         backend.close()
     for client in clients:
         client.close()
@@ -89,10 +97,7 @@ def close_store(location: str | Path | None = None) -> None:
 
 def _close_at_exit() -> None:
     """Close what is still open when the process ends; a failure is one line, not a traceback."""
-    with _LOCK:
-        backends, clients = list(_OPEN.items()), list(_CLIENTS.values())
-        _OPEN.clear()
-        _CLIENTS.clear()
+    backends, clients = _take_open(None)
     for (location, name), backend in backends:
         try:
             backend.close()
