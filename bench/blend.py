@@ -180,19 +180,21 @@ def stages(args: argparse.Namespace, work: Path) -> tuple[Path, Path, dict[str, 
     wound.write_text(yaml.safe_dump(raw, sort_keys=False))
     say(f"data (derm {args.n_derm}, wound {args.n_wound}, {args.size} px) + tiny model: "
         f"{time.perf_counter() - t:.1f} s ({work})")
-    t = time.perf_counter()
-    with quiet(logs / "broad.log"):
-        broad = train(derm, random, work / "broad", args.broad_epochs, args.broad_lr,
-                      args.seed)
-    say(f"broad: derm classification heads, {args.broad_epochs} epochs, lr "
-        f"{args.broad_lr:g}: {time.perf_counter() - t:.1f} s")
-    t = time.perf_counter()
-    with quiet(logs / "narrow.log"):
-        narrow = train(wound, broad, work / "narrow", args.narrow_epochs, args.narrow_lr,
-                       args.seed)
-    say(f"narrow: wound heads on broad, {args.narrow_epochs} epochs, lr {args.narrow_lr:g}: "
-        f"{time.perf_counter() - t:.1f} s")
+    broad = stage("broad", "derm classification heads", derm, random, work, logs,
+                  args.broad_epochs, args.broad_lr, args.seed)
+    narrow = stage("narrow", "wound heads on broad", wound, broad, work, logs,
+                   args.narrow_epochs, args.narrow_lr, args.seed)
     return derm, wound, {"random": str(random), "broad": str(broad), "narrow": str(narrow)}
+
+
+def stage(name: str, what: str, spec: Path, start: Path, work: Path, logs: Path,
+          epochs: int, lr: float, seed: int) -> Path:
+    """One timed training stage (its log in ``logs``): the model folder ``work / name``."""
+    t = time.perf_counter()
+    with quiet(logs / f"{name}.log"):
+        out = train(spec, start, work / name, epochs, lr, seed)
+    say(f"{name}: {what}, {epochs} epochs, lr {lr:g}: {time.perf_counter() - t:.1f} s")
+    return out
 
 
 def training_metrics(folder: str) -> dict[str, Any]:

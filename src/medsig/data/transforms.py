@@ -159,20 +159,25 @@ class Preprocess:
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 ``(..., 3, s, s)`` on any device -> normalised float32 on that device."""
-        tensor = pixels.float().mul_(self.rescale)
-        if pixels.device.type == "cpu":
-            return (tensor - self.mean) / self.std
-        key = str(pixels.device)  # copied to a device once, not every batch
-        if key not in self._on_device:
-            self._on_device[key] = (self.mean.to(pixels.device), self.std.to(pixels.device))
-        mean, std = self._on_device[key]
-        return (tensor - mean) / std
+        mean, std = mean_std_on(self, pixels.device)
+        return (pixels.float().mul_(self.rescale) - mean) / std
 
     def __getstate__(self) -> dict[str, Any]:  # data workers get no device tensors
         return {**self.__dict__, "_on_device": {}}
 
     def __repr__(self) -> str:
         return f"Preprocess(size={self.size}, mode={self.mode!r})"
+
+
+def mean_std_on(preprocess: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``preprocess``'s normalisation mean and std on ``device``: copied to an accelerator
+    once (cached in its ``_on_device``, which data workers do not get), not every batch."""
+    if device.type == "cpu":
+        return preprocess.mean, preprocess.std
+    key = str(device)
+    if key not in preprocess._on_device:
+        preprocess._on_device[key] = (preprocess.mean.to(device), preprocess.std.to(device))
+    return preprocess._on_device[key]
 
 
 def to_uint8_image(pixels: torch.Tensor, preprocess: Any) -> torch.Tensor:

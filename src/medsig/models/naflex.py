@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 
 from medsig.data.patches import Patches
+from medsig.data.transforms import mean_std_on
 from medsig.errors import ConfigError
 
 FAMILY = "siglip2-naflex"
@@ -132,19 +133,11 @@ class NaflexPreprocess:
         """uint8 ``Patches`` (one image or a batch) on any device -> normalised float32 there;
         padding rows stay zero, as the processor pads after normalising."""
         x = patches.pixel_values
-        mean, std = self._stats(x.device)
+        mean, std = mean_std_on(self, x.device)
         values = x.float().mul_(self.rescale).unflatten(-1, (-1, mean.numel()))
         values = ((values - mean) / std).flatten(-2)
         values = values * patches.pixel_attention_mask.to(values.dtype).unsqueeze(-1)
         return Patches(values, patches.pixel_attention_mask, patches.spatial_shapes)
-
-    def _stats(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        if device.type == "cpu":
-            return self.mean, self.std
-        key = str(device)
-        if key not in self._on_device:
-            self._on_device[key] = (self.mean.to(device), self.std.to(device))
-        return self._on_device[key]
 
     def __getstate__(self) -> dict[str, Any]:  # data workers get no device tensors
         return {**self.__dict__, "_on_device": {}}
