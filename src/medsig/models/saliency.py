@@ -157,22 +157,18 @@ def _patch_tokens(tokens: torch.Tensor, pixels: Any) -> torch.Tensor:
 
 
 def _token_map(tokens: torch.Tensor, pixels: Any) -> torch.Tensor:
-    """Per-token values -> (H, W) on the model input: the image's own (rows, cols) grid of
-    real tokens for NaFlex patches, a square grid (CLS dropped) for a pixel tensor."""
-    if not isinstance(pixels, Patches):
-        return _upsampled(tokens, tuple(pixels.shape[-2:]))
-    rows, cols, p = _grid(pixels)
-    grid = tokens[:rows * cols].reshape(1, 1, rows, cols).float()
-    return F.interpolate(grid, size=(rows * p, cols * p), mode="bilinear",
+    """Per-token values -> (H, W) on the model input, bilinear with pixel centres aligned
+    (patch i covers pixels [i p, (i + 1) p)): the image's own (rows, cols) grid of real
+    tokens for NaFlex patches, a square grid (a CLS token first dropped) for a tensor."""
+    if isinstance(pixels, Patches):
+        rows, cols, p = _grid(pixels)
+        size = (rows * p, cols * p)
+    else:
+        rows = cols = int(math.isqrt(tokens.shape[0]))
+        size = tuple(pixels.shape[-2:])
+    grid = tokens[:rows * cols] if isinstance(pixels, Patches) else tokens[-rows * cols:]
+    return F.interpolate(grid.reshape(1, 1, rows, cols).float(), size=size, mode="bilinear",
                          align_corners=False)[0, 0]
-
-
-def _upsampled(tokens: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(tokens,) patch values (a CLS token first is dropped) -> (H, W), bilinear with
-    pixel centres aligned (patch i covers pixels [i p, (i + 1) p))."""
-    side = int(math.isqrt(tokens.shape[0]))
-    grid = tokens[tokens.shape[0] - side * side:].reshape(1, 1, side, side).float()
-    return F.interpolate(grid, size=size, mode="bilinear", align_corners=False)[0, 0]
 
 
 def saliency_map(predictor: Any, pixels: torch.Tensor, column: int,
