@@ -24,6 +24,7 @@ import json
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -98,6 +99,29 @@ def held_out(root: Path, n: int, size: int, seed: int = 1) -> dict[str, list]:
     return kinds
 
 
+def _kind_row(predictor: Any, raw_in: dict[str, np.ndarray], images: list) -> dict[str, Any]:
+    """AUROC (with its interval, and per channel) and refusal shares of one held-out kind
+    against the wound test split's raw channel scores ``raw_in``."""
+    gate = predictor.safety.ood
+    raw_out = _scores(predictor, images)
+    s_in, s_out = gate.combined(raw_in), gate.combined(raw_out)
+    served = gate.flag(s_out) | np.array([is_blank(im) for im in images])
+    return {"n": len(images), "auroc": _auroc(s_in, s_out), "auroc_ci95": _auroc_ci(s_in, s_out),
+            "channels": {c: _auroc(raw_in[c], raw_out[c]) for c in raw_out},
+            "refused": float(gate.flag(s_out).mean()), "served_refused": float(served.mean())}
+
+
+def print_rows(rows: dict[str, dict[str, Any]], names: list[str]) -> None:
+    print(f"{'held-out kind':<22}{'n':>5}{'AUROC':>8}{'95% CI':>14}{'refused':>9}{'served':>8}"
+          + "".join(f"{c:>13}" for c in names) + "  goal AUROC >= 0.95")
+    for kind, r in rows.items():
+        ok = "ok" if r["auroc"] >= 0.95 else "BELOW GOAL"
+        ci = "{:.3f}-{:.3f}".format(*r["auroc_ci95"])
+        print(f"{kind:<22}{r['n']:>5}{r['auroc']:>8.3f}{ci:>14}{r['refused']:>9.2f}"
+              f"{r['served_refused']:>8.2f}"
+              + "".join(f"{r['channels'][c]:>13.3f}" for c in names) + f"  {ok}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=400, help="generated wounds")
@@ -131,16 +155,8 @@ def main() -> None:
         frr = float(gate.flag(s_in).mean())
         frr_channels = {c: float((gate.log_p({c: v})[c] < np.log(gate.false_reject)).mean())
                         for c, v in raw_in.items()} if gate.needs_stats else {}
-        rows = {}
-        for kind, images in held_out(root, args.n_ood, args.size, args.seed + 1).items():
-            raw_out = _scores(predictor, images)
-            s_out = gate.combined(raw_out)
-            served = gate.flag(s_out) | np.array([is_blank(im) for im in images])
-            rows[kind] = {"n": len(images), "auroc": _auroc(s_in, s_out),
-                          "auroc_ci95": _auroc_ci(s_in, s_out),
-                          "channels": {c: _auroc(raw_in[c], raw_out[c]) for c in raw_out},
-                          "refused": float(gate.flag(s_out).mean()),
-                          "served_refused": float(served.mean())}
+        rows = {kind: _kind_row(predictor, raw_in, images) for kind, images
+                in held_out(root, args.n_ood, args.size, args.seed + 1).items()}
     print(f"wound model: tiny random SigLIP + {args.objective}, {args.n} generated wounds, "
           f"{args.size}px (trained in {trained:.0f} s on a shared, busy CPU)")
     print(f"gate: {gate.info()['method']}, threshold {gate.threshold:.4f} "
@@ -150,15 +166,7 @@ def main() -> None:
                     for c, v in frr_channels.items()))
     print("refused: share above the gate's threshold; served: also refusing blank images "
           "(what /v1/predict does); AUROC per channel alone in the last columns")
-    names = list(raw_in)
-    print(f"{'held-out kind':<22}{'n':>5}{'AUROC':>8}{'95% CI':>14}{'refused':>9}{'served':>8}"
-          + "".join(f"{c:>13}" for c in names) + "  goal AUROC >= 0.95")
-    for kind, r in rows.items():
-        ok = "ok" if r["auroc"] >= 0.95 else "BELOW GOAL"
-        ci = "{:.3f}-{:.3f}".format(*r["auroc_ci95"])
-        print(f"{kind:<22}{r['n']:>5}{r['auroc']:>8.3f}{ci:>14}{r['refused']:>9.2f}"
-              f"{r['served_refused']:>8.2f}"
-              + "".join(f"{r['channels'][c]:>13.3f}" for c in names) + f"  {ok}")
+    print_rows(rows, list(raw_in))
     out = Path(args.out) if args.out else Path(__file__).parent / "results" / "ood.json"
     out.write_text(json.dumps({"args": vars(args), "false_reject_test": frr,
                                "n_test": len(s_in), "threshold": gate.threshold,
